@@ -1,0 +1,24 @@
+# make main   — fetch ML-100K, train DuoRec, evaluate (creates .venv on first use)
+# make test   — run the whole test suite (creates .venv on first use)
+.PHONY: main test env lint bench-train bench-index clean
+
+main:
+	bash scripts/main.sh
+
+test:
+	bash scripts/test.sh
+
+env:
+	bash scripts/setup_env.sh
+
+lint:
+	bash scripts/setup_env.sh && .venv/bin/ruff check .
+
+bench-train:
+	bash scripts/setup_env.sh && .venv/bin/python bench/train_speed.py
+
+bench-index:
+	bash scripts/setup_env.sh && .venv/bin/python bench/index_scale.py
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache

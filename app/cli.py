@@ -1,0 +1,126 @@
+"""The ``ragrec`` command: data, train, evaluate (serve, index, ... join as they land).
+
+Every expected failure (bad config, bad data, unusable run directory) prints ONE line
+starting with ``error:`` to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Retrieval-augmented sequential recommender.")
+data_app = typer.Typer(no_args_is_help=True, help="Fetch or generate interaction data.")
+app.add_typer(data_app, name="data")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from training.config import ConfigError
+    from training.data import DataError
+    from training.trainer import RunError
+
+    return (ConfigError, DataError, RunError, FileNotFoundError, PermissionError)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected exceptions into one clear line and a non-zero exit."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _expected_errors() as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: completed epochs are checkpointed; rerun with --resume to continue", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@data_app.command("ml-100k")
+@friendly
+def data_ml100k(out: Annotated[Path, typer.Option(help="Folder to write ml-100k.inter into")] = Path("data/ml-100k")) -> None:
+    """Fetch MovieLens-100K from the recbole wheel on PyPI and verify it."""
+    from training.movielens import fetch_ml100k
+
+    _setup_logging(False)
+    path = fetch_ml100k(out)
+    typer.echo(str(path))
+
+
+@data_app.command("synthetic")
+@friendly
+def data_synthetic(
+    out: Annotated[Path, typer.Option(help="Output .inter file")],
+    users: Annotated[int, typer.Option(min=1)] = 1000,
+    items: Annotated[int, typer.Option(min=2)] = 500,
+    mean_length: Annotated[int, typer.Option(min=3)] = 30,
+    seed: int = 0,
+) -> None:
+    """Generate a synthetic interaction log with planted sequential structure."""
+    from training.synthetic import generate_interactions, write_inter
+
+    inter = generate_interactions(users, items, mean_length=mean_length, seed=seed)
+    write_inter(inter, out)
+    typer.echo(f"{out}: {len(inter.users)} interactions")
+
+
+@app.command()
+@friendly
+def train(
+    config: Annotated[Path | None, typer.Option(help="YAML config")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/default"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set train.lr=0.002")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
+    shuffle_targets: Annotated[bool, typer.Option(help="Sanity mode: permuted training targets")] = False,
+    verbose: bool = False,
+) -> None:
+    """Train DuoRec and write metrics.json, the checkpoint and the vocabulary to --out."""
+    from training.config import load_config
+    from training.trainer import run_training
+
+    _setup_logging(verbose)
+    overrides = list(set_ or [])
+    if shuffle_targets:
+        overrides.append("train.shuffle_targets=true")
+    if resume and config is None and (out / "config.yaml").is_file():
+        config = out / "config.yaml"
+    cfg = load_config(config, overrides)
+    result = run_training(cfg, out, resume=resume)
+    typer.echo(json.dumps({"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"]},
+                          indent=2))
+
+
+@app.command()
+@friendly
+def evaluate(
+    run: Annotated[Path, typer.Option(help="Run directory written by `ragrec train`")],
+    device: str = "cpu",
+) -> None:
+    """Recompute valid/test metrics from a run's saved checkpoint."""
+    from training.trainer import evaluate_run
+
+    _setup_logging(False)
+    typer.echo(json.dumps(evaluate_run(run, device=device), indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+import pytest
+
+from training.config import ConfigError, load_config
+
+
+def test_defaults_follow_design():
+    cfg = load_config()
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.inner) == (64, 2, 2, 256)
+    assert cfg.model.dropout == 0.5 and cfg.data.max_seq_len == 50
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.01\nloss:\n  contrastive: none\n")
+    cfg = load_config(p, ["train.lr=0.002", "eval.ks=[10, 20]", "train.grad_clip=1.5"])
+    assert cfg.train.lr == 0.002
+    assert cfg.loss.contrastive == "none"
+    assert cfg.eval.ks == [10, 20]
+    assert cfg.train.grad_clip == 1.5
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "match"),
+    [
+        ("train:\n  lrr: 0.01\n", [], "unknown key 'train.lrr'"),
+        ("bogus: 1\n", [], "unknown key 'bogus'"),
+        ("train:\n  epochs: many\n", [], "'train.epochs'"),
+        ("loss:\n  contrastive: xx\n", [], "'loss.contrastive'"),
+        ("", ["model.dim=-3"], "'model.dim'"),
+        ("", ["train.nope=1"], "unknown key 'train.nope'"),
+        ("", ["eval.ks=[5]"], "include 10"),
+        ("", ["noequals"], "key.sub=value"),
+        ("- a\n- b\n", [], "mapping"),
+        ("a: [1, 2\n", [], "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, text, overrides, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match.replace("[", r"\[")):
+        load_config(p, overrides)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/cfg.yaml")

@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import load_config
+from training.synthetic import generate_interactions, write_inter
+from training.trainer import RunError, Trainer, evaluate_run, run_training
+
+
+@pytest.fixture(scope="module")
+def inter_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "syn.inter"
+    write_inter(generate_interactions(120, 60, mean_length=14, seed=3), path)
+    return path
+
+
+def tiny_cfg(path, *extra):
+    return load_config(None, [
+        f"data.path={path}", "data.max_seq_len=10", "model.dim=16", "model.inner=32", "model.dropout=0.1",
+        "model.attn_dropout=0.1", "train.batch_size=64", "train.epochs=2", "train.seed=7", *extra,
+    ])
+
+
+@pytest.mark.parametrize("contrastive", ["none", "us", "us_x"])
+def test_run_writes_artifacts_and_evaluate_agrees(tmp_path, inter_path, contrastive):
+    out = tmp_path / "run"
+    result = run_training(tiny_cfg(inter_path, f"loss.contrastive={contrastive}"), out, progress=False)
+    for name in ("config.yaml", "items.json", "last.pt", "model.pt", "metrics.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["valid"]) >= {"HR@10", "NDCG@10", "MRR@10", "HR@5", "NDCG@20", "Coverage@10", "Popularity@10"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    if contrastive != "none":
+        assert "cl_sup" in lines[0]["train"]
+    again = evaluate_run(out)
+    for split in ("valid", "test"):
+        for k, v in result[split].items():
+            assert again[split][k] == pytest.approx(v, abs=1e-6), (split, k)
+    # checkpoints load with weights_only=True: plain tensors and values, no pickled code
+    torch.load(out / "last.pt", weights_only=True)
+    torch.load(out / "model.pt", weights_only=True)
+
+
+def test_model_learns_planted_structure(tmp_path, inter_path):
+    result = run_training(tiny_cfg(inter_path, "train.epochs=8", "loss.contrastive=none", "train.lr=0.005"),
+                          tmp_path / "r", progress=False)
+    chance = result["chance_HR@10"]
+    assert result["test"]["HR@10"] > 2 * chance
+
+
+def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, inter_path):
+    straight = tmp_path / "straight"
+    run_training(tiny_cfg(inter_path, "train.epochs=3"), straight, progress=False)
+    split = tmp_path / "split"
+    run_training(tiny_cfg(inter_path, "train.epochs=1"), split, progress=False)
+    run_training(tiny_cfg(inter_path, "train.epochs=3"), split, resume=True, progress=False)
+    a = torch.load(straight / "last.pt", weights_only=True)["model"]
+    b = torch.load(split / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    ja = [json.loads(x)["valid"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    jb = [json.loads(x)["valid"] for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert ja == jb
+
+
+def test_shuffled_targets_collapse_to_chance(tmp_path, inter_path):
+    cfg = ("train.epochs=4", "loss.contrastive=none", "train.lr=0.005")
+    real = run_training(tiny_cfg(inter_path, *cfg), tmp_path / "a", progress=False)
+    shuffled = run_training(tiny_cfg(inter_path, *cfg, "train.shuffle_targets=true"), tmp_path / "b", progress=False)
+    chance = shuffled["chance_HR@10"]
+    assert real["test"]["HR@10"] > 3 * chance
+    # 120 test users: allow binomial noise around chance, far below the real model
+    assert shuffled["test"]["HR@10"] < 2 * chance + 0.08
+
+
+def test_refuses_non_empty_out_dir_and_missing_resume(tmp_path, inter_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "x").write_text("keep me")
+    with pytest.raises(RunError, match="not empty"):
+        Trainer(tiny_cfg(inter_path), out).setup()
+    assert sorted(p.name for p in out.iterdir()) == ["x"]
+    with pytest.raises(RunError, match="no checkpoint"):
+        Trainer(tiny_cfg(inter_path), tmp_path / "fresh", resume=True).setup()
+
+
+def test_window_mode_trains(tmp_path, inter_path):
+    result = run_training(tiny_cfg(inter_path, "train.mode=window", "loss.contrastive=us"), tmp_path / "w",
+                          progress=False)
+    assert np.isfinite(result["valid"]["NDCG@10"])

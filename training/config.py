@@ -1,0 +1,165 @@
+"""Typed run configuration: YAML file plus ``key=value`` overrides.
+
+Unknown keys and wrong types are errors (``ConfigError``), never a silent default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    path: str = "data/ml-100k/ml-100k.inter"  # .inter, .csv or .parquet
+    source: Literal["file", "ml-100k"] = "file"  # "ml-100k" fetches the file into path's folder if missing
+    format: Literal["inter", "csv", "parquet"] | None = None  # None: from the file suffix
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str = "timestamp"
+    k_core: int = Field(0, ge=0)  # 0 = no filtering
+    max_seq_len: int = Field(50, ge=1)  # longest input prefix
+
+
+class ModelSection(_Strict):
+    dim: int = Field(64, ge=1)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(2, ge=1)
+    inner: int = Field(256, ge=1)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    attn_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    activation: Literal["gelu", "relu"] = "gelu"
+    layer_norm_eps: float = Field(1e-12, gt=0.0)
+    init_std: float = Field(0.02, gt=0.0)
+
+
+class LossConfig(_Strict):
+    contrastive: Literal["none", "un", "su", "us", "us_x"] = "us"  # "none" trains plain SASRec
+    tau: float = Field(1.0, gt=0.0)  # InfoNCE temperature
+    sim: Literal["dot", "cos"] = "dot"
+    lmd: float = Field(0.1, ge=0.0)  # weight of the unsupervised (dropout-view) term
+    lmd_sem: float = Field(0.1, ge=0.0)  # weight of the supervised (same-target) term
+    mask_false_negatives: bool = True  # same-target samples are not in-batch negatives
+
+
+class TrainConfig(_Strict):
+    # "prefix": every training prefix is one sample, as RecBole does (passes shared among
+    # the prefixes of a user that fit one window). "window": every position of each user's
+    # windows is supervised in one pass (SASRec's original recipe; far fewer passes).
+    mode: Literal["prefix", "window"] = "prefix"
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(256, ge=1)  # samples (supervised positions) per step
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    grad_clip: float | None = Field(None, gt=0.0)
+    patience: int = Field(10, ge=1)  # epochs without a better validation NDCG@10
+    eval_every: int = Field(1, ge=1)
+    seed: int = 2026
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (CPU AMX / GPU)
+    compile: bool = False  # torch.compile the encoder
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = library default
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    shuffle_targets: bool = False  # sanity mode: shuffled, relabelled training targets; must score at chance
+    max_minutes: float | None = Field(None, gt=0.0)  # stop after this wall time (keeps best)
+
+
+class EvalConfig(_Strict):
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    mask_seen: bool = False  # mask items already in the input (off: the standard protocol)
+    batch_size: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_10(self) -> EvalConfig:
+        if 10 not in self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"eval.ks must be positive and include 10 (early stopping uses NDCG@10), got {self.ks}")
+        return self
+
+
+class RunConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            parts.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=0.01' -> (['train', 'lr'], 0.01). The value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path) if path else "overrides")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_error(exc)}") from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    from training.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(), sort_keys=False))

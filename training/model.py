@@ -1,0 +1,262 @@
+"""DuoRec: a SASRec-style causal transformer with DuoRec's contrastive regularisation.
+
+Read top to bottom: config, attention, feed-forward, block, encoder, losses.
+
+Sequences are LEFT-aligned: column 0 holds the oldest kept item and padding (id 0)
+follows the last real item. With a causal mask the output at column t depends only
+on columns 0..t, so one pass over a window yields the representation of every
+prefix of that window. The trainer uses that to share one pass among the prefixes
+of a user, and ``select`` lets the last layer compute only the rows it is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    n_items: int  # catalogue size, padding excluded (item ids are 1..n_items)
+    max_len: int = 50  # longest input prefix; longer prefixes keep their last max_len items
+    dim: int = 64  # hidden size; item embeddings are tied with the output layer
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 2  # attention heads; dim must divide evenly
+    inner: int = 256  # feed-forward width
+    dropout: float = 0.5  # on embeddings and residual branches (DuoRec on sparse data)
+    attn_dropout: float = 0.5  # on attention probabilities
+    activation: str = "gelu"  # "gelu" | "relu"
+    layer_norm_eps: float = 1e-12  # BERT-style post-LN epsilon
+    init_std: float = 0.02  # normal init for linear and embedding weights
+
+    def __post_init__(self) -> None:
+        if self.n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {self.n_items}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        for name in ("dropout", "attn_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+        self.attn_dropout = cfg.attn_dropout
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., L, D) -> (..., H, L, D/H)
+        *lead, length, dim = x.shape
+        return x.view(*lead, length, self.n_heads, dim // self.n_heads).transpose(-3, -2)
+
+    def forward(self, x: torch.Tensor, select: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """x: (B, L, D). With ``select=(rows, cols)`` only those P query rows are computed: (P, D)."""
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
+        p = self.attn_dropout if self.training else 0.0
+        if select is None:
+            # Causal mask only: with left alignment a real query never sees padding.
+            y = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), dropout_p=p, is_causal=True)
+            y = y.transpose(1, 2).reshape(x.shape)  # (B, L, D)
+            residual = x
+        else:
+            rows, cols = select
+            qs = self._heads(q[rows, cols].unsqueeze(1))  # (P, H, 1, D/H)
+            ks, vs = self._heads(k[rows]), self._heads(v[rows])  # (P, H, L, D/H)
+            allowed = torch.arange(x.shape[1], device=x.device) <= cols.unsqueeze(1)  # (P, L)
+            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None, None, :], dropout_p=p)
+            y = y.reshape(len(rows), x.shape[-1])  # (P, D)
+            residual = x[rows, cols]
+        return self.norm(residual + self.dropout(self.out(y)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.dim, cfg.inner)
+        self.down = nn.Linear(cfg.inner, cfg.dim)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.dropout(self.down(self.act(self.up(x)))))
+
+
+class Block(nn.Module):
+    """Post-LN transformer block (attention then feed-forward), as in SASRec/DuoRec."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, select: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.ffn(self.attn(x, select))
+
+
+class SequenceEncoder(nn.Module):
+    """Item + position embeddings, causal transformer, tied output embeddings."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.emb_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        item_seq: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        cols: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Representations of prefixes.
+
+        item_seq: (B, L) int64, left-aligned, 0 = padding, L <= max_len.
+        rows, cols: (P,) int64 — which (sequence, column) outputs to return. Column c is the
+        representation of the prefix item_seq[row, :c+1]. Default: each row's last real item.
+        Returns (P, D). The last block computes only the selected rows.
+        """
+        if item_seq.dim() != 2:
+            raise ValueError(f"item_seq must be (B, L), got shape {tuple(item_seq.shape)}")
+        batch, length = item_seq.shape
+        if length > self.cfg.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len={self.cfg.max_len}")
+        if rows is None or cols is None:
+            lengths = (item_seq > 0).sum(dim=1)
+            if bool((lengths == 0).any()):
+                raise ValueError("every sequence needs at least one item")
+            rows = torch.arange(batch, device=item_seq.device)
+            cols = lengths - 1
+        positions = torch.arange(length, device=item_seq.device)
+        x = self.item_emb(item_seq) + self.pos_emb(positions)  # (B, L, D)
+        x = self.emb_dropout(self.emb_norm(x))
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1](x, (rows, cols))  # (P, D)
+
+    def all_positions(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """Every column's representation: (B, L, D). Padding columns hold garbage."""
+        positions = torch.arange(item_seq.shape[1], device=item_seq.device)
+        x = self.emb_dropout(self.emb_norm(self.item_emb(item_seq) + self.pos_emb(positions)))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Scores over real items: (P, D) -> (P, n_items); column j is item id j + 1."""
+        return h @ self.item_emb.weight[1:].T
+
+
+# ---------------------------------------------------------------- losses
+
+
+def info_nce(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    tau: float,
+    sim: str = "dot",
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE between two views with in-batch negatives.
+
+    z1, z2: (N, D); pair (i, i) is positive, every other of the 2N-2 vectors a negative.
+    With ``labels`` (N,) (the targets), other samples that share a target are not used as
+    negatives: they are positives under DuoRec's supervised view, and pushing them apart
+    fights the objective.
+    """
+    n = z1.shape[0]
+    z = torch.cat([z1, z2], dim=0)  # (2N, D)
+    if sim == "cos":
+        z = F.normalize(z, dim=-1)
+    elif sim != "dot":
+        raise ValueError(f"sim must be 'dot' or 'cos', got {sim!r}")
+    logits = (z @ z.T) / tau  # (2N, 2N)
+    idx = torch.arange(2 * n, device=z.device)
+    partner = (idx + n) % (2 * n)
+    drop = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    if labels is not None:
+        both = torch.cat([labels, labels])
+        drop |= both[:, None] == both[None, :]
+        drop[idx, partner] = False
+    logits = logits.masked_fill(drop, float("-inf"))
+    return F.cross_entropy(logits, partner)
+
+
+CONTRASTIVE_MODES = ("none", "un", "su", "us", "us_x")
+
+
+def duorec_loss(
+    h: torch.Tensor,
+    h_drop: torch.Tensor | None,
+    h_sem: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    mode: str,
+    tau: float,
+    sim: str,
+    lmd: float,
+    lmd_sem: float,
+    mask_false_negatives: bool,
+) -> dict[str, torch.Tensor]:
+    """DuoRec's contrastive terms (CE is computed by the caller).
+
+    mode: "un" — h vs its dropout view (weight lmd); "su" — h vs a same-target sequence
+    (weight lmd_sem); "us" — both; "us_x" — dropout view vs same-target view (weight
+    lmd_sem), the variant of the DuoRec paper's released configs; "none" — SASRec.
+    """
+    labels = targets if mask_false_negatives else None
+    out: dict[str, torch.Tensor] = {}
+    if mode in ("un", "us"):
+        assert h_drop is not None
+        out["cl_unsup"] = lmd * info_nce(h, h_drop, tau, sim, labels)
+    if mode in ("su", "us"):
+        assert h_sem is not None
+        out["cl_sup"] = lmd_sem * info_nce(h, h_sem, tau, sim, labels)
+    if mode == "us_x":
+        assert h_drop is not None and h_sem is not None
+        out["cl_sup"] = lmd_sem * info_nce(h_drop, h_sem, tau, sim, labels)
+    return out
+
+
+def model_checksum(model: nn.Module) -> str:
+    """A short content hash of the weights, used to tie artifacts to the model that made them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,439 @@
+"""DuoRec pretraining: one trainer class with an explicit loop.
+
+    ragrec train --config configs/ml100k.yaml --out runs/ml100k [--set train.lr=0.002]
+
+A run directory holds: ``config.yaml`` (resolved), ``items.json`` (vocabulary),
+``last.pt`` (full state for ``--resume``), ``model.pt`` (best weights by validation
+NDCG@10), ``metrics.jsonl`` (one line per epoch) and ``metrics.json`` (final valid/test).
+Checkpoints hold tensors and plain values only: ``torch.load(weights_only=True)`` reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.batches import Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
+from training.config import RunConfig, dump_config
+from training.data import DataError, SequenceData, Split, load_dataset, pad_prefixes
+from training.evaluate import EvalResult, evaluate_scorer
+from training.io import append_jsonl, atomic_write, atomic_write_json
+from training.model import ModelConfig, SequenceEncoder, duorec_loss, model_checksum
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "ragrec.duorec.v1"
+MODEL_FORMAT = "ragrec.model.v1"
+
+
+class RunError(ValueError):
+    """A run that cannot start or continue; the message says what to do."""
+
+
+# ------------------------------------------------------------------ data helpers
+
+
+def load_run_data(cfg: RunConfig) -> SequenceData:
+    """Read (and for ``source: ml-100k`` fetch) the dataset named by the config."""
+    path = Path(cfg.data.path)
+    if cfg.data.source == "ml-100k" and not path.exists():
+        from training.movielens import fetch_ml100k
+
+        path = fetch_ml100k(path.parent)
+    return load_dataset(
+        path,
+        user_col=cfg.data.user_col,
+        item_col=cfg.data.item_col,
+        time_col=cfg.data.time_col,
+        fmt=cfg.data.format,
+        k_core=cfg.data.k_core,
+    )
+
+
+def gather_items(data: SequenceData, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """data.sequences[u][t] for each pair, vectorised: (N,) int64."""
+    assert data.flat is not None and data.offsets is not None
+    return data.flat[data.offsets[users] + positions].astype(np.int64)
+
+
+def item_popularity(data: SequenceData, split: Split) -> np.ndarray:
+    """Training interaction counts per item id (index 0 = padding, always 0): (n_items + 1,)."""
+    counts = np.bincount(gather_items(data, split.train_users, split.train_positions),
+                         minlength=data.n_items + 1)
+    first_users = np.unique(split.train_users)
+    counts += np.bincount(gather_items(data, first_users, np.zeros_like(first_users)),
+                          minlength=data.n_items + 1)
+    counts[0] = 0
+    return counts
+
+
+def build_model(cfg: RunConfig, n_items: int) -> SequenceEncoder:
+    return SequenceEncoder(ModelConfig(n_items=n_items, max_len=cfg.data.max_seq_len, **cfg.model.model_dump()))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SequenceEncoder, dict]:
+    """Load ``model.pt`` (weights-only unpickling) and rebuild the encoder it describes."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"model file not found: {path}") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise RunError(f"{path} is not a ragrec model file (format {blob.get('format') if isinstance(blob, dict) else '?'})")
+    model = SequenceEncoder(ModelConfig(**blob["model_config"]))
+    model.load_state_dict(blob["model"], strict=True)
+    return model, blob
+
+
+# ------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """setup() -> train() -> cleanup(); save_checkpoint() after every epoch."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.progress = progress  # None: tqdm decides (shown on a terminal)
+        self.start_epoch = 1
+        self.best_score = -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.train_seconds = 0.0
+
+    # -------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        self.rng = np.random.default_rng(cfg.train.seed)
+        self.device = resolve_device(cfg.train.device)
+
+        # Everything that can fail on bad input happens before the run directory is touched.
+        self.data = load_run_data(cfg)
+        from training.data import leave_one_out
+
+        self.split = leave_one_out(self.data)
+        if len(self.split.train_users) == 0:
+            raise DataError(f"{cfg.data.path}: no training examples after filtering (every user needs >= 2 items)")
+        if len(self.split.valid_users) == 0:
+            raise DataError(f"{cfg.data.path}: no user has the 3 interactions needed for validation and test")
+        self._prepare_out_dir()
+
+        L = cfg.data.max_seq_len
+        self.train_targets = gather_items(self.data, self.split.train_users, self.split.train_positions)
+        if cfg.train.shuffle_targets:
+            # Sanity mode. Shuffling targets across examples cuts the input -> target link;
+            # relabelling them through a random permutation of the catalogue also removes
+            # what the target marginal (popularity) would teach. Held-out targets keep their
+            # true ids, so an honest pipeline must score at chance: HR@10 ~ 10 / n_items.
+            relabel = np.concatenate([[0], self.rng.permutation(np.arange(1, self.data.n_items + 1))])
+            self.train_targets = relabel[self.rng.permutation(self.train_targets)]
+        self.popularity = item_popularity(self.data, self.split)
+        self.eval_inputs = {
+            name: (pad_prefixes(self.data, u, p, L)[0], gather_items(self.data, u, p))
+            for name, u, p in (
+                ("valid", self.split.valid_users, self.split.valid_positions),
+                ("test", self.split.test_users, self.split.test_positions),
+            )
+        }
+        self.prefix_plan: Plan | None = None
+        if cfg.train.mode == "prefix":
+            self.prefix_plan = prefix_plan(self.split.train_users, self.split.train_positions, L)
+            self.prefix_windows = pad_prefixes(self.data, self.prefix_plan.unit_users, self.prefix_plan.unit_ends, L)[0]
+
+        self.model = build_model(cfg, self.data.n_items).to(self.device)
+        opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.forward = torch.compile(self.model, dynamic=True) if cfg.train.compile else self.model
+        if self.resume:
+            self._load_checkpoint(self.out / "last.pt")
+        log.info("data: %d users, %d items, %d training examples, %d passes per epoch (%s mode)",
+                 self.data.n_users, self.data.n_items, len(self.train_targets),
+                 self.prefix_plan.n_units if self.prefix_plan else -1, cfg.train.mode)
+
+    def _prepare_out_dir(self) -> None:
+        last = self.out / "last.pt"
+        if self.resume:
+            if not last.is_file():
+                raise RunError(f"--resume: no checkpoint at {last}")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise RunError(f"run directory {self.out} is not empty; pass --resume to continue it or choose a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.out / "config.yaml")
+        self.data.item_vocab.save(self.out / "items.json")
+
+    # -------------------------------------------------------------- one epoch
+
+    def _views(self, windows: np.ndarray, rows: np.ndarray, cols: np.ndarray, sample_index: np.ndarray):
+        """Stack the original, dropout and same-target views into ONE encoder input."""
+        mode = self.cfg.loss.contrastive
+        L = self.cfg.data.max_seq_len
+        parts, all_rows, all_cols = [windows], [rows], [cols]
+        n_windows = len(windows)
+        if mode in ("un", "us", "us_x"):
+            parts.append(windows)
+            all_rows.append(rows + n_windows)
+            all_cols.append(cols)
+            n_windows += len(windows)
+        if mode in ("su", "us", "us_x"):
+            partner = self.partners[sample_index]
+            sem, sem_len = pad_prefixes(self.data, self.split.train_users[partner],
+                                        self.split.train_positions[partner], L)
+            parts.append(sem)
+            all_rows.append(np.arange(len(sem)) + n_windows)
+            all_cols.append(sem_len - 1)
+        width = max(int((p > 0).sum(axis=1).max()) for p in parts)  # drop all-padding columns
+        stacked = np.concatenate([np.pad(p[:, :width], ((0, 0), (0, max(0, width - p.shape[1])))) for p in parts])
+        to = self.device
+        return (torch.from_numpy(stacked).to(to), torch.from_numpy(np.concatenate(all_rows)).to(to),
+                torch.from_numpy(np.concatenate(all_cols)).to(to))
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        L = cfg.data.max_seq_len
+        self.model.train()
+        if cfg.train.mode == "prefix":
+            assert self.prefix_plan is not None
+            plan, windows = self.prefix_plan, self.prefix_windows
+        else:
+            plan = window_plan(self.split.train_users, self.split.train_positions, L, self.rng)
+            windows = None
+        if cfg.loss.contrastive in ("su", "us", "us_x"):
+            self.partners = same_target_partners(self.train_targets, self.rng)
+        targets_all = torch.from_numpy(self.train_targets).to(self.device)
+        sums: dict[str, float] = {}
+        n_seen, steps = 0, 0
+        start = time.perf_counter()
+        n_steps = math.ceil(plan.n_samples / cfg.train.batch_size)
+        batches = tqdm(iterate_batches(plan, self.data, L, cfg.train.batch_size, self.rng, windows),
+                       total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                       disable=None if self.progress is None else not self.progress)
+        for batch in batches:
+            seq, rows, cols = self._views(batch.windows, batch.rows, batch.cols, batch.sample_index)
+            n = len(batch.rows)
+            targets = targets_all[torch.from_numpy(batch.sample_index).to(self.device)]
+            with autocast(self.device, cfg.train.precision):
+                out = self.forward(seq, rows, cols)  # (views * n, D)
+                h = out[:n]
+                logits = self.model.scores(h)
+            losses = {"ce": F.cross_entropy(logits.float(), targets - 1)}
+            if cfg.loss.contrastive != "none":
+                h_drop = out[n : 2 * n] if cfg.loss.contrastive in ("un", "us", "us_x") else None
+                h_sem = out[-n:] if cfg.loss.contrastive in ("su", "us", "us_x") else None
+                losses.update(duorec_loss(
+                    h.float(), None if h_drop is None else h_drop.float(), None if h_sem is None else h_sem.float(),
+                    targets, mode=cfg.loss.contrastive, tau=cfg.loss.tau, sim=cfg.loss.sim,
+                    lmd=cfg.loss.lmd, lmd_sem=cfg.loss.lmd_sem, mask_false_negatives=cfg.loss.mask_false_negatives,
+                ))
+            loss = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.optimizer.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().item() * n
+            n_seen += n
+            steps += 1
+            if steps % 20 == 0:
+                batches.set_postfix(loss=f"{loss.detach().item():.3f}")
+        batches.close()
+        seconds = time.perf_counter() - start
+        stats = {k: v / max(n_seen, 1) for k, v in sums.items()}
+        stats["loss"] = sum(stats.values())
+        stats.update(seconds=seconds, samples=n_seen, steps=steps, samples_per_s=n_seen / max(seconds, 1e-9))
+        return stats
+
+    # -------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> EvalResult:
+        self.model.eval()
+        prefixes, targets = self.eval_inputs[split]
+
+        def score(seq: torch.Tensor) -> torch.Tensor:
+            with autocast(self.device, self.cfg.train.precision):
+                return self.model.scores(self.model(seq))
+
+        return evaluate_scorer(score, prefixes, targets, ks=self.cfg.eval.ks, item_popularity=self.popularity,
+                               mask_seen=self.cfg.eval.mask_seen, batch_size=self.cfg.eval.batch_size,
+                               device=self.device)
+
+    # -------------------------------------------------------------- loop
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        deadline = time.perf_counter() + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        epoch = self.start_epoch - 1
+        for epoch in range(self.start_epoch, cfg.train.epochs + 1):
+            stats = self.train_epoch(epoch)
+            self.train_seconds += stats["seconds"]
+            record: dict[str, Any] = {"epoch": epoch, "train": stats, "train_seconds_total": self.train_seconds}
+            stop = False
+            if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+                valid = self.evaluate("valid").metrics
+                record["valid"] = valid
+                score = valid["NDCG@10"]
+                if score > self.best_score:
+                    self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+                    self._save_model(epoch, valid)
+                else:
+                    self.bad_epochs += cfg.train.eval_every
+                stop = self.bad_epochs >= cfg.train.patience
+                log.info("epoch %d  loss %.4f  %.1fs  valid NDCG@10 %.4f HR@10 %.4f  (best %.4f @ %d)",
+                         epoch, stats["loss"], stats["seconds"], score, valid["HR@10"], self.best_score,
+                         self.best_epoch)
+            append_jsonl(self.out / "metrics.jsonl", record)
+            self.save_checkpoint(epoch)
+            if stop:
+                log.info("early stop: no better validation NDCG@10 for %d epochs", self.bad_epochs)
+                break
+            if time.perf_counter() > deadline:
+                log.info("stopping: train.max_minutes=%s reached", cfg.train.max_minutes)
+                break
+        return self.finish(epochs_run=epoch)
+
+    def finish(self, epochs_run: int) -> dict[str, Any]:
+        """Evaluate the best model on valid and test and write ``metrics.json``."""
+        model, blob = load_model_file(self.out / "model.pt", map_location=self.device)
+        self.model.load_state_dict(model.state_dict())
+        result = {
+            "valid": self.evaluate("valid").metrics,
+            "test": self.evaluate("test").metrics,
+            "best_epoch": self.best_epoch,
+            "epochs_run": epochs_run,
+            "train_seconds": self.train_seconds,
+            "model_checksum": blob["checksum"],
+            "shuffle_targets": self.cfg.train.shuffle_targets,
+            "chance_HR@10": 10 / self.data.n_items,
+        }
+        atomic_write_json(self.out / "metrics.json", result)
+        return result
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _save_model(self, epoch: int, valid: dict[str, float]) -> None:
+        blob = {
+            "format": MODEL_FORMAT,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model_config": self.model.cfg.to_dict(),
+            "epoch": epoch,
+            "valid": valid,
+            "checksum": model_checksum(self.model),
+        }
+        _atomic_torch_save(blob, self.out / "model.pt")
+
+    def save_checkpoint(self, epoch: int) -> None:
+        blob = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "model_config": self.model.cfg.to_dict(),
+            "run_config": self.cfg.model_dump(),
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "train_seconds": self.train_seconds,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": self.rng.bit_generator.state,
+        }
+        _atomic_torch_save(blob, self.out / "last.pt")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        blob = torch.load(path, map_location=self.device, weights_only=True)
+        if blob.get("format") != CHECKPOINT_FORMAT:
+            raise RunError(f"{path} is not a ragrec training checkpoint")
+        if blob["model_config"] != self.model.cfg.to_dict():
+            raise RunError(f"{path} was trained with a different model shape or vocabulary; "
+                           "resume with the same config and data")
+        self.model.load_state_dict(blob["model"], strict=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.start_epoch = int(blob["epoch"]) + 1
+        self.best_score = float(blob["best_score"])
+        self.best_epoch = int(blob["best_epoch"])
+        self.bad_epochs = int(blob["bad_epochs"])
+        self.train_seconds = float(blob["train_seconds"])
+        torch.set_rng_state(blob["torch_rng"])
+        self.rng.bit_generator.state = blob["numpy_rng"]
+        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    def cleanup(self) -> None:
+        self.__dict__.pop("forward", None)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, lambda fh: fh.write(buf.getbuffer()))
+
+
+def run_training(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
+                 progress: bool | None = None) -> dict[str, Any]:
+    trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "cpu") -> dict[str, Any]:
+    """Recompute valid/test metrics of a finished run from its saved files."""
+    from training.config import load_config
+    from training.data import Vocabulary, leave_one_out
+
+    run = Path(run_dir)
+    for name in ("config.yaml", "model.pt", "items.json"):
+        if not (run / name).is_file():
+            raise RunError(f"{run} is not a finished run: {name} is missing")
+    cfg = load_config(run / "config.yaml")
+    vocab = Vocabulary.load(run / "items.json")
+    path = Path(cfg.data.path)
+    data = load_dataset(path, user_col=cfg.data.user_col, item_col=cfg.data.item_col,
+                        time_col=cfg.data.time_col, fmt=cfg.data.format, k_core=cfg.data.k_core, item_vocab=vocab)
+    split = leave_one_out(data)
+    model, _ = load_model_file(run / "model.pt", map_location=device)
+    model.eval()
+    pop = item_popularity(data, split)
+    L = cfg.data.max_seq_len
+    out: dict[str, Any] = {}
+    for name, u, p in (("valid", split.valid_users, split.valid_positions),
+                       ("test", split.test_users, split.test_positions)):
+        prefixes, _ = pad_prefixes(data, u, p, L)
+
+        def score(seq: torch.Tensor) -> torch.Tensor:
+            with autocast(torch.device(device), cfg.train.precision):
+                return model.scores(model(seq))
+
+        out[name] = evaluate_scorer(score, prefixes, gather_items(data, u, p), ks=cfg.eval.ks,
+                                    item_popularity=pop, mask_seen=cfg.eval.mask_seen,
+                                    batch_size=cfg.eval.batch_size, device=device).metrics
+    return out
