@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactCorrupted",
+    "ArtifactMismatch",
     "DimensionMismatch",
     "EmptyBank",
     "InvalidParameter",
@@ -46,6 +47,10 @@ class UnknownEntries(RetrieverError):
 
 class ArtifactCorrupted(RetrieverError):
     """A stored artifact that is truncated, altered or inconsistent with its manifest."""
+
+
+class ArtifactMismatch(ArtifactCorrupted):
+    """An intact artifact made by another producer (e.g. a different model checksum)."""
 
 
 class UnknownVersion(RetrieverError):

@@ -1,3 +1,4 @@
+# ruff: noqa: E741  -- `D, I` (distances, ids) is the faiss naming CONVENTIONS.md asks for
 """Index factory: exact, IVF-Flat, IVF-PQ and HNSW indexes over L2-normalised vectors.
 
 Similarity is the inner product of unit vectors (cosine). ``build_index``
@@ -33,9 +34,9 @@ from retriever.errors import EmptyBank, InvalidParameter, InvalidVectors
 
 __all__ = [
     "KINDS",
-    "add_vectors",
     "BuiltIndex",
     "IndexSpec",
+    "add_vectors",
     "auto_nlist",
     "build_index",
     "exact_knn",
@@ -70,7 +71,7 @@ class IndexSpec:
     ef_search: int | None = None  # HNSW search beam; None: calibrated to target_recall
     target_recall: float = 0.95  # recall@10 the calibration aims for (on stored vectors, self excluded)
     exact_below: int = 20_000  # fewer vectors than this: every kind falls back to exact (IVF does not pay)
-    train_points_per_list: int = 64  # k-means sample per centroid, clipped to FAISS's 30..256
+    train_points_per_list: int = 40  # k-means sample per centroid, clipped to FAISS's 30..256
     kmeans_iters: int = 10
     use_gpu: str | bool = "auto"  # "auto": GPU when faiss sees one; True: require one; False: CPU
     seed: int = 1234
@@ -234,9 +235,9 @@ def build_index(vectors, spec: IndexSpec | None = None) -> BuiltIndex:
         if kind == "ivf_pq":  # the PQ codebooks want >= 39 points per code as well
             ntrain = max(ntrain, 40 * (1 << spec.pq_nbits))
         ntrain = min(n, ntrain)
-        index.cp.niter = spec.kmeans_iters
-        index.cp.seed = spec.seed
-        index.cp.max_points_per_centroid = 256
+        for cp in [index.cp] + ([index.pq.cp] if kind == "ivf_pq" else []):
+            cp.niter, cp.seed = spec.kmeans_iters, spec.seed
+            cp.max_points_per_centroid = 256 if cp is index.cp else 40  # PQ: 40 x 256 codes is plenty
         index.train(_train_sample(x, ntrain, spec.seed))
         params.update(nlist=nlist, ntrain=ntrain)
     elif kind == "hnsw":

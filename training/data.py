@@ -49,7 +49,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: == on numpy fields would be ambiguous
 class Interactions:
     """A raw interaction log, rows in file order. Ids are external strings."""
 
@@ -140,10 +140,9 @@ def _read_text(path: Path, fmt: str, wanted: list[str]) -> tuple[pd.DataFrame, s
     # RecBole headers carry the field type ("user_id:token"); columns are matched without it.
     names = [h.split(":", 1)[0] for h in header] if fmt == "inter" else header
     raw = _match_columns(path, names, header, wanted)
-    frame = pd.read_csv(
-        path, sep=sep, usecols=list(raw.values()), dtype=str, keep_default_na=False, na_filter=False
-    )
-    return frame.rename(columns={r: w for w, r in raw.items()}), "line"
+    # All columns are parsed (not usecols) so that a row with too many fields is an error, not ignored.
+    frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False)
+    return frame[list(raw.values())].rename(columns={r: w for w, r in raw.items()}), "line"
 
 
 def _read_parquet(path: Path, fmt: str, wanted: list[str]) -> tuple[pd.DataFrame, str]:
@@ -179,7 +178,9 @@ def _id_column(frame: pd.DataFrame, col: str, path: Path, row_label: str) -> np.
     bad = series.isna().to_numpy() | (series.to_numpy(dtype=object) == "")
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: column {col!r} has {int(bad.sum())} empty id(s), first at {_where(row_label, first)}")
+        raise DataError(
+            f"{path}: column {col!r} has {int(bad.sum())} empty id(s), first at {_where(row_label, first)}"
+        )
     return series.to_numpy(dtype=object)
 
 
@@ -228,8 +229,6 @@ class Vocabulary:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and np.array_equal(self._tokens, other._tokens)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking container semantics, like list
 
     def __repr__(self) -> str:
         return f"Vocabulary({len(self) - 1} tokens + {self.PAD})"
@@ -313,7 +312,7 @@ class Vocabulary:
 # ------------------------------------------------------------------------------------------- sequences
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceData:
     """Per-user item sequences, chronological. Row i belongs to `users[i]`.
 
@@ -324,8 +323,9 @@ class SequenceData:
     users: list[str]
     sequences: list[np.ndarray]  # row i: (n_i,) int64 item ids in 1..n_items
     item_vocab: Vocabulary
-    flat: np.ndarray | None = None  # (n_interactions,) int64
-    offsets: np.ndarray | None = None  # (n_users + 1,) int64
+    # Filled in by __post_init__ when not given, so never None afterwards.
+    flat: np.ndarray = None  # type: ignore[assignment]  # (n_interactions,) int64
+    offsets: np.ndarray = None  # type: ignore[assignment]  # (n_users + 1,) int64
 
     def __post_init__(self) -> None:
         if len(self.users) != len(self.sequences):
@@ -347,11 +347,11 @@ class SequenceData:
 
     @property
     def n_interactions(self) -> int:
-        return len(self.flat)  # type: ignore[arg-type]
+        return len(self.flat)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)  # type: ignore[arg-type]
+        return np.diff(self.offsets)
 
 
 def _flatten(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -461,7 +461,7 @@ def load_dataset(
 # ------------------------------------------------------------------------------------------- splitting
 
 
-@dataclass
+@dataclass(eq=False)
 class Split:
     """Leave-one-out examples as (user row, target position) pairs.
 
@@ -517,7 +517,6 @@ def pad_prefixes(
         flat, offsets = sequences.flat, sequences.offsets
     else:
         flat, offsets = _flatten(sequences)
-    assert flat is not None and offsets is not None
     users = np.asarray(users, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.int64)
     if users.shape != positions.shape or users.ndim != 1:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.batches import Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
+from training.batches import Batch, Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
 from training.config import RunConfig, dump_config
 from training.data import DataError, SequenceData, Split, load_dataset, pad_prefixes
 from training.evaluate import EvalResult, evaluate_scorer
@@ -62,7 +62,6 @@ def load_run_data(cfg: RunConfig) -> SequenceData:
 
 def gather_items(data: SequenceData, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """data.sequences[u][t] for each pair, vectorised: (N,) int64."""
-    assert data.flat is not None and data.offsets is not None
     return data.flat[data.offsets[users] + positions].astype(np.int64)
 
 
@@ -191,21 +190,33 @@ class Trainer:
 
     # -------------------------------------------------------------- one epoch
 
-    def _views(self, windows: np.ndarray, rows: np.ndarray, cols: np.ndarray, sample_index: np.ndarray):
-        """Stack the original, dropout and same-target views into ONE encoder input."""
+    def _views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+        """Stack the original, dropout and same-target views into ONE encoder input.
+
+        Returns (sequences, rows, cols, cl): the outputs come back in the order
+        [every example | dropout view of the contrastive examples | their same-target
+        partners], where ``cl`` indexes the batch's examples that take part in the
+        contrastive loss: all of them in prefix mode (each example is a sequence, as in
+        DuoRec); in window mode the last column of each window, so contrastive learning
+        stays at the sequence level and costs one extra pass per window, not per position.
+        """
         mode = self.cfg.loss.contrastive
-        L = self.cfg.data.max_seq_len
+        windows, rows, cols = batch.windows, batch.rows, batch.cols
+        if self.cfg.train.mode == "prefix":
+            cl = np.arange(len(rows))
+        else:
+            cl = np.flatnonzero(np.r_[rows[1:] != rows[:-1], True])  # rows are grouped per window
         parts, all_rows, all_cols = [windows], [rows], [cols]
         n_windows = len(windows)
         if mode in ("un", "us", "us_x"):
             parts.append(windows)
-            all_rows.append(rows + n_windows)
-            all_cols.append(cols)
+            all_rows.append(rows[cl] + n_windows)
+            all_cols.append(cols[cl])
             n_windows += len(windows)
         if mode in ("su", "us", "us_x"):
-            partner = self.partners[sample_index]
+            partner = self.partners[batch.sample_index[cl]]
             sem, sem_len = pad_prefixes(self.data, self.split.train_users[partner],
-                                        self.split.train_positions[partner], L)
+                                        self.split.train_positions[partner], self.cfg.data.max_seq_len)
             parts.append(sem)
             all_rows.append(np.arange(len(sem)) + n_windows)
             all_cols.append(sem_len - 1)
@@ -213,7 +224,7 @@ class Trainer:
         stacked = np.concatenate([np.pad(p[:, :width], ((0, 0), (0, max(0, width - p.shape[1])))) for p in parts])
         to = self.device
         return (torch.from_numpy(stacked).to(to), torch.from_numpy(np.concatenate(all_rows)).to(to),
-                torch.from_numpy(np.concatenate(all_cols)).to(to))
+                torch.from_numpy(np.concatenate(all_cols)).to(to), cl)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
@@ -236,20 +247,21 @@ class Trainer:
                        total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                        disable=None if self.progress is None else not self.progress)
         for batch in batches:
-            seq, rows, cols = self._views(batch.windows, batch.rows, batch.cols, batch.sample_index)
-            n = len(batch.rows)
+            seq, rows, cols, cl = self._views(batch)
+            n, m = len(batch.rows), len(cl)
             targets = targets_all[torch.from_numpy(batch.sample_index).to(self.device)]
             with autocast(self.device, cfg.train.precision):
-                out = self.forward(seq, rows, cols)  # (views * n, D)
+                out = self.forward(seq, rows, cols)  # (n + views * m, D)
                 h = out[:n]
                 logits = self.model.scores(h)
             losses = {"ce": F.cross_entropy(logits.float(), targets - 1)}
             if cfg.loss.contrastive != "none":
-                h_drop = out[n : 2 * n] if cfg.loss.contrastive in ("un", "us", "us_x") else None
-                h_sem = out[-n:] if cfg.loss.contrastive in ("su", "us", "us_x") else None
+                mode = cfg.loss.contrastive
+                cl_t = torch.from_numpy(cl).to(self.device)
+                h_drop = out[n : n + m].float() if mode in ("un", "us", "us_x") else None
+                h_sem = out[out.shape[0] - m :].float() if mode in ("su", "us", "us_x") else None
                 losses.update(duorec_loss(
-                    h.float(), None if h_drop is None else h_drop.float(), None if h_sem is None else h_sem.float(),
-                    targets, mode=cfg.loss.contrastive, tau=cfg.loss.tau, sim=cfg.loss.sim,
+                    h[cl_t].float(), h_drop, h_sem, targets[cl_t], mode=mode, tau=cfg.loss.tau, sim=cfg.loss.sim,
                     lmd=cfg.loss.lmd, lmd_sem=cfg.loss.lmd_sem, mask_false_negatives=cfg.loss.mask_false_negatives,
                 ))
             loss = sum(losses.values())

@@ -1,0 +1,81 @@
+"""The ragrec command as a user runs it: a real subprocess, real files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from training.synthetic import generate_interactions, write_inter
+
+
+def ragrec(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def inter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("d") / "syn.inter"
+    write_inter(generate_interactions(60, 40, mean_length=10, seed=1), path)
+    return path
+
+
+TINY = ["--set", "model.dim=8", "--set", "model.inner=16", "--set", "train.epochs=1", "--set", "data.max_seq_len=8"]
+
+
+def test_train_then_evaluate_agree(tmp_path, inter):
+    out = tmp_path / "run"
+    res = ragrec("train", "--out", str(out), "--set", f"data.path={inter}", *TINY)
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout)
+    ev = ragrec("evaluate", "--run", str(out))
+    assert ev.returncode == 0, ev.stderr
+    again = json.loads(ev.stdout)
+    assert again["test"]["NDCG@10"] == pytest.approx(printed["test"]["NDCG@10"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        (None, ["--set", "data.path=/nonexistent/x.inter"], "/nonexistent/x.inter"),
+        ("bad_cfg", [], "unknown key 'train.lrr'"),
+        (None, ["--set", "train.epochs=ten"], "'train.epochs'"),
+        ("missing_col", [], "timestamp"),
+        ("malformed", [], "malformed.inter"),
+        ("too_short", [], "no training examples"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, inter, setup, args, message):
+    out = tmp_path / "run"
+    extra = ["--set", f"data.path={inter}"]
+    if setup == "bad_cfg":
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("train:\n  lrr: 1\n")
+        extra += ["--config", str(cfg)]
+    elif setup == "missing_col":
+        p = tmp_path / "nocol.csv"
+        p.write_text("user_id,item_id\n1,2\n1,3\n")
+        extra = ["--set", f"data.path={p}"]
+    elif setup == "malformed":
+        p = tmp_path / "malformed.inter"
+        p.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\tnot-a-time\n")
+        extra = ["--set", f"data.path={p}"]
+    elif setup == "too_short":
+        p = tmp_path / "short.csv"
+        p.write_text("user_id,item_id,timestamp\n1,2,1\n2,3,1\n")
+        extra = ["--set", f"data.path={p}"]
+    res = ragrec("train", "--out", str(out), *TINY, *extra, *args)
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:], res.stderr  # one error line, the last thing printed; no traceback
+    assert "Traceback" not in res.stderr
+    assert message in errors[0]
+    assert not out.exists()
+
+
+def test_evaluate_on_missing_run_is_clear(tmp_path):
+    res = ragrec("evaluate", "--run", str(tmp_path / "nope"))
+    assert res.returncode != 0
+    assert "not a finished run" in res.stderr
