@@ -1,4 +1,3 @@
-# ruff: noqa: E741  -- `D, I` (distances, ids) is the faiss naming CONVENTIONS.md asks for
 """MemoryBank: vectors plus payload, searched with exclusions, quality flags and MMR.
 
 Each entry has a stable int64 id (assigned in order, never reused), a unit

@@ -1,4 +1,3 @@
-# ruff: noqa: E741  -- `D, I` (distances, ids) is the faiss naming CONVENTIONS.md asks for
 """Index factory: exact, IVF-Flat, IVF-PQ and HNSW indexes over L2-normalised vectors.
 
 Similarity is the inner product of unit vectors (cosine). ``build_index``
@@ -11,9 +10,10 @@ Limits:
 - searches pass their parameters per call (``faiss.SearchParametersIVF`` /
   ``SearchParametersHNSW``); a shared index is never mutated by a search, so
   CPU indexes may be searched from many threads at once;
-- a GPU index serialises its searches and adds behind one lock (faiss GPU
-  indexes are not safe to use from several threads) and answers at most
-  k = 2048; HNSW has no GPU version and stays on the CPU;
+- a GPU index owns its resources object and serialises its searches and
+  adds behind one lock (faiss GPU indexes and resources are not safe to use
+  from several threads) and answers at most k = 2048; HNSW has no GPU
+  version and stays on the CPU;
 - IVF-PQ scores are approximate: callers re-score ``refine * k`` candidates
   with the stored vectors (``rescore_exact``), as ``MemoryBank`` does.
 """
@@ -116,7 +116,7 @@ class BuiltIndex:
     @property
     def max_k(self) -> int:
         """Largest k one search call can ask for."""
-        return GPU_MAX_K if self.device != "cpu" else max(self.ntotal, 1)
+        return max(min(self.ntotal, GPU_MAX_K if self.device != "cpu" else self.ntotal), 1)
 
 
 def normalize(x) -> np.ndarray:
@@ -141,19 +141,6 @@ def _check_unit_norm(x: np.ndarray, sample: int = 1000) -> None:
 def gpu_available() -> int:
     """Number of GPUs faiss can use (0 with faiss-cpu)."""
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-_thread_local = threading.local()
-
-
-def _gpu_resources():
-    # One StandardGpuResources per thread: they hold a stream and scratch memory
-    # that must not be shared between threads building concurrently.
-    res = getattr(_thread_local, "gpu_res", None)
-    if res is None:
-        res = faiss.StandardGpuResources()
-        _thread_local.gpu_res = res
-    return res
 
 
 def auto_nlist(n: int) -> int:
@@ -273,7 +260,10 @@ def _maybe_to_gpu(built: BuiltIndex, use_gpu: str | bool) -> BuiltIndex:
     if built.kind == "hnsw":
         logger.info("HNSW has no faiss GPU version; the index stays on the CPU")
         return built
-    res = _gpu_resources()
+    # Each GPU index gets its own resources (stream, scratch memory) and lock: a
+    # StandardGpuResources must not be used from two threads at once, and sharing
+    # one between indexes would let validating a new bank stall searches of the old.
+    res = faiss.StandardGpuResources()
     options = faiss.GpuClonerOptions()
     options.useFloat16 = built.kind == "ivf_pq"  # half-precision PQ lookup tables; IVF-Flat keeps float32
     try:
@@ -314,11 +304,13 @@ def search(built: BuiltIndex, queries, k: int, *, nprobe: int | None = None,
     """
     xq = as_float_matrix(queries, "queries", dim=built.dim)
     k = check_k(k, built.max_k, "what this index can return in one call")
-    params = _search_params(built, nprobe, ef_search)
     if built.lock is None:
-        return built.index.search(xq, k, params=params)
-    with built.lock:
-        return built.index.search(xq, k, params=params)
+        return built.index.search(xq, k, params=_search_params(built, nprobe, ef_search))
+    with built.lock:  # GPU: one user at a time, so setting nprobe here races with nobody
+        if built.kind in ("ivf_flat", "ivf_pq"):
+            probe = min(int(nprobe or built.params["nprobe"]), GPU_MAX_K)
+            faiss.GpuParameterSpace().set_index_parameter(built.index, "nprobe", probe)
+        return built.index.search(xq, k)
 
 
 def add_vectors(built: BuiltIndex, vectors: np.ndarray) -> None:
@@ -405,6 +397,9 @@ def _calibrate(built: BuiltIndex, x: np.ndarray, spec: IndexSpec, name: str, cap
         recalls[value] = _recall_without_self(I, I_true, rows, k - 1)
         if recalls[value] >= spec.target_recall or value >= cap:
             break
+        history = list(recalls.values())
+        if len(history) >= 3 and history[-1] - history[-3] < 0.005:
+            break  # plateau: the codes (PQ), not the probing, limit recall now
         value = min(value * 2, cap)
     if recalls[value] < spec.target_recall:
         best = max(recalls.values())

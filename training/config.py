@@ -50,6 +50,9 @@ class LossConfig(_Strict):
     lmd: float = Field(0.1, ge=0.0)  # weight of the unsupervised (dropout-view) term
     lmd_sem: float = Field(0.1, ge=0.0)  # weight of the supervised (same-target) term
     mask_false_negatives: bool = True  # same-target samples are not in-batch negatives
+    # Contrastive examples per step: None = every example (DuoRec). A number draws that many
+    # at random per batch, so the extra views cost a fraction of a step.
+    cl_batch: int | None = Field(None, ge=2)
 
 
 class TrainConfig(_Strict):

@@ -206,13 +206,18 @@ class Trainer:
             cl = np.arange(len(rows))
         else:
             cl = np.flatnonzero(np.r_[rows[1:] != rows[:-1], True])  # rows are grouped per window
+        limit = self.cfg.loss.cl_batch
+        if mode != "none" and limit is not None and len(cl) > limit:
+            cl = np.sort(self.rng.choice(cl, size=limit, replace=False))
         parts, all_rows, all_cols = [windows], [rows], [cols]
         n_windows = len(windows)
         if mode in ("un", "us", "us_x"):
-            parts.append(windows)
-            all_rows.append(rows[cl] + n_windows)
+            # second dropout pass, over only the windows that hold a contrastive example
+            units, local = np.unique(rows[cl], return_inverse=True)
+            parts.append(windows[units])
+            all_rows.append(local + n_windows)
             all_cols.append(cols[cl])
-            n_windows += len(windows)
+            n_windows += len(units)
         if mode in ("su", "us", "us_x"):
             partner = self.partners[batch.sample_index[cl]]
             sem, sem_len = pad_prefixes(self.data, self.split.train_users[partner],
@@ -302,7 +307,8 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        deadline = time.perf_counter() + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        began = time.perf_counter()
+        deadline = began + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
         epoch = self.start_epoch - 1
         for epoch in range(self.start_epoch, cfg.train.epochs + 1):
             stats = self.train_epoch(epoch)
@@ -322,6 +328,7 @@ class Trainer:
                 log.info("epoch %d  loss %.4f  %.1fs  valid NDCG@10 %.4f HR@10 %.4f  (best %.4f @ %d)",
                          epoch, stats["loss"], stats["seconds"], score, valid["HR@10"], self.best_score,
                          self.best_epoch)
+            record["wall_seconds"] = time.perf_counter() - began  # this session: training + validation
             append_jsonl(self.out / "metrics.jsonl", record)
             self.save_checkpoint(epoch)
             if stop:

@@ -17,7 +17,7 @@ def _brute_force(queries: np.ndarray, vectors: np.ndarray, k: int, mask: np.ndar
     return np.take_along_axis(scores, order, 1), order
 
 
-def _recall_at(I: np.ndarray, I_true: np.ndarray) -> float:  # noqa: E741
+def _recall_at(I: np.ndarray, I_true: np.ndarray) -> float:
     k = I_true.shape[1]
     return float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(I, I_true, strict=True)]))
 

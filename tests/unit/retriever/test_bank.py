@@ -121,7 +121,7 @@ def test_rowwise_isin_matches_python_sets():
 
 
 def test_fewer_eligible_than_k_pads_with_missing(small):
-    x, _, users, positions = small
+    x, _, users, _ = small
     bank = make_bank(small)
     keep_user = 7
     others = np.flatnonzero(users != keep_user)
@@ -146,7 +146,7 @@ def test_quality_threshold_flags_without_dropping(small):
 
 
 def test_mmr_lambda_one_is_plain_search_and_lower_lambda_diversifies(small):
-    x, targets, users, positions = small
+    x = small[0]
     dup = np.concatenate([x, np.repeat(x[:1], 5, axis=0)])  # five copies of entry 0
     n = len(dup)
     bank = MemoryBank(dup, np.zeros(n, int), np.zeros(n, int), np.zeros(n, int))
@@ -162,7 +162,6 @@ def test_mmr_lambda_one_is_plain_search_and_lower_lambda_diversifies(small):
 
 
 def test_add_is_searchable_immediately_and_ids_continue(small):
-    x, *_ = small
     bank = make_bank(small, spec=IVF)
     new = clustered(50, 16, seed=99, n_clusters=3)
     ids = bank.add(new, np.full(50, 5), np.full(50, 1_000), np.arange(50))
@@ -212,7 +211,7 @@ def test_concurrent_adds_and_searches(small):
             try:
                 result = bank.search(x[:64], 10)
                 assert (result.I >= 0).all()
-            except Exception as exc:  # noqa: BLE001 - collected and reported below
+            except Exception as exc:
                 errors.append(exc)
 
     threads = [threading.Thread(target=searcher) for _ in range(3)]

@@ -72,7 +72,7 @@ def test_load_test_four_searchers_twenty_swaps(tmp_path):
                 np.testing.assert_array_equal(result.I[:, 0], rows)  # each stored vector finds itself
                 answered[i] += 1
                 versions_seen[i].add(tag)
-            except Exception as exc:  # noqa: BLE001 - collected and reported below
+            except Exception as exc:
                 errors.append(exc)
 
     threads = [threading.Thread(target=searcher, args=(i,)) for i in range(4)]

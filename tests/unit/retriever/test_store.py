@@ -87,7 +87,7 @@ def _flip_byte(path, offset):
     [
         (lambda d: _flip_byte(d / "vectors.npy", 500), "vectors.npy fails its sha256"),
         (lambda d: _flip_byte(d / "index.faiss", 100), "index.faiss fails its sha256"),
-        (lambda d: (d / "users.npy").write_bytes((d / "users.npy").read_bytes()[:-8]), "users.npy has .* truncated"),
+        (lambda d: (d / "users.npy").write_bytes((d / "users.npy").read_bytes()[:-8]), "users.npy has .*truncated"),
         (lambda d: (d / "alive.npy").unlink(), "alive.npy is missing"),
         (lambda d: (d / "manifest.json").write_text("{not json"), "not valid JSON"),
         (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
