@@ -24,7 +24,7 @@ app.add_typer(data_app, name="data")
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from training.config import ConfigError
     from training.data import DataError
-    from training.trainer import RunError
+    from training.run import RunError
 
     return (ConfigError, DataError, RunError, FileNotFoundError, PermissionError)
 
@@ -112,7 +112,7 @@ def evaluate(
     device: str = "cpu",
 ) -> None:
     """Recompute valid/test metrics from a run's saved checkpoint."""
-    from training.trainer import evaluate_run
+    from training.run import evaluate_run
 
     _setup_logging(False)
     typer.echo(json.dumps(evaluate_run(run, device=device), indent=2))

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw")
 GPU_MAX_K = 2048  # faiss GPU kernels answer k <= 2048 (and nprobe <= 2048)
 _CALIBRATION_K = 10
+_MAX_REFINE = 32  # IVF-PQ re-scoring depth cap for the auto calibration
 _ADD_CHUNK = 1 << 18  # rows per add() call: bounds the coarse-assignment buffers
 
 
@@ -65,7 +66,7 @@ class IndexSpec:
     nprobe: int | None = None  # IVF lists probed; None: calibrated to target_recall
     pq_m: int | None = None  # PQ sub-quantizers; None: 4 dimensions per sub-quantizer
     pq_nbits: int = 8  # bits per PQ code (8 -> 256 centroids per sub-quantizer)
-    refine: int = 4  # IVF-PQ: re-score refine * k candidates exactly (1 = raw PQ scores)
+    refine: int | None = None  # IVF-PQ: re-score refine * k candidates exactly; None: calibrated (4..32)
     hnsw_m: int = 32  # HNSW links per node
     ef_construction: int = 40  # HNSW build-time beam
     ef_search: int | None = None  # HNSW search beam; None: calibrated to target_recall
@@ -87,7 +88,7 @@ class IndexSpec:
                 raise InvalidParameter(f"{name} must be positive, got {value}")
         if not 0.0 < self.target_recall <= 1.0:
             raise InvalidParameter(f"target_recall must be in (0, 1], got {self.target_recall}")
-        if self.refine < 1 or self.pq_nbits < 1 or self.hnsw_m < 2:
+        if (self.refine is not None and self.refine < 1) or self.pq_nbits < 1 or self.hnsw_m < 2:
             raise InvalidParameter(
                 f"refine, pq_nbits must be >= 1 and hnsw_m >= 2, got {self.refine}, {self.pq_nbits}, {self.hnsw_m}"
             )
@@ -215,31 +216,36 @@ def build_index(vectors, spec: IndexSpec | None = None) -> BuiltIndex:
             if d % m:
                 raise InvalidParameter(f"pq_m={m} must divide the dimension {d}")
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, spec.pq_nbits, faiss.METRIC_INNER_PRODUCT)
-            params.update(pq_m=m, pq_nbits=spec.pq_nbits, refine=spec.refine)
+            params.update(pq_m=m, pq_nbits=spec.pq_nbits, refine=spec.refine or 4)
         # faiss' Python wrapper keeps `quantizer` alive as long as `index`.
-        per_list = min(max(spec.train_points_per_list, 30), 256)
-        ntrain = per_list * nlist
-        if kind == "ivf_pq":  # the PQ codebooks want >= 39 points per code as well
-            ntrain = max(ntrain, 40 * (1 << spec.pq_nbits))
-        ntrain = min(n, ntrain)
-        for cp in [index.cp] + ([index.pq.cp] if kind == "ivf_pq" else []):
-            cp.niter, cp.seed = spec.kmeans_iters, spec.seed
-            cp.max_points_per_centroid = 256 if cp is index.cp else 40  # PQ: 40 x 256 codes is plenty
-        index.train(_train_sample(x, ntrain, spec.seed))
-        params.update(nlist=nlist, ntrain=ntrain)
+        params.update(nlist=nlist)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = spec.ef_construction
         params.update(hnsw_m=spec.hnsw_m, ef_construction=spec.ef_construction)
     else:  # pragma: no cover - IndexSpec validates kind
         raise InvalidParameter(f"unknown index kind {kind!r}")
-    _add_in_chunks(index, x)
-    built = BuiltIndex(index=index, kind=kind, params=params, device="cpu")
+    # Move to the GPU before training and adding: k-means and the coarse assignment
+    # of N vectors are the bulk of a build, and the GPU does them far faster.
+    built = _maybe_to_gpu(BuiltIndex(index=index, kind=kind, params=params, device="cpu"), spec.use_gpu)
+    if kind in ("ivf_flat", "ivf_pq"):
+        per_list = min(max(spec.train_points_per_list, 30), 256)
+        ntrain = per_list * params["nlist"]
+        if kind == "ivf_pq":  # the PQ codebooks want >= 39 points per code as well
+            ntrain = max(ntrain, 40 * (1 << spec.pq_nbits))
+        params["ntrain"] = ntrain = min(n, ntrain)
+        clusterings = [built.index.cp] if hasattr(built.index, "cp") else []
+        if kind == "ivf_pq" and hasattr(built.index, "pq"):
+            clusterings.append(built.index.pq.cp)
+        for i, cp in enumerate(clusterings):  # coarse k-means, then the PQ codebooks
+            cp.niter, cp.seed = spec.kmeans_iters, spec.seed
+            cp.max_points_per_centroid = 256 if i == 0 else 40  # PQ: 40 points x 256 codes is plenty
+        built.index.train(_train_sample(x, ntrain, spec.seed))
+    _add_in_chunks(built.index, x)
     if kind in ("ivf_flat", "ivf_pq"):
         built.params["nprobe"] = spec.nprobe or _calibrate(built, x, spec, "nprobe", params["nlist"])
     elif kind == "hnsw":
         built.params["ef_search"] = spec.ef_search or _calibrate(built, x, spec, "ef_search", 1024)
-    built = _maybe_to_gpu(built, spec.use_gpu)
     built.build_seconds = time.perf_counter() - t0
     logger.info("built %s index over %d x %d on %s in %.2fs, params %s",
                 kind, n, d, built.device, built.build_seconds, built.params)
@@ -381,32 +387,45 @@ def _calibrate(built: BuiltIndex, x: np.ndarray, spec: IndexSpec, name: str, cap
     """Smallest power-of-two ``nprobe`` / ``ef_search`` reaching ``spec.target_recall``.
 
     Queries are up to 256 stored vectors; each one's own entry is left out of
-    both result lists so recall measures its neighbours, not itself.
+    both result lists so recall measures its neighbours, not itself. For IVF-PQ
+    with ``refine=None`` the re-scoring depth doubles (4 up to 32) whenever
+    more probing stops helping: then the PQ codes, not the probing, limit recall.
     """
     n = x.shape[0]
     rng = np.random.default_rng(spec.seed + 1)
     rows = np.sort(rng.choice(n, size=min(256, n), replace=False))
     k = min(_CALIBRATION_K + 1, n)
     _, I_true = exact_knn(x[rows], x, k)
-    fetch = min(k * built.params.get("refine", 1), n)
-    value, recalls = (1 if name == "nprobe" else 16), {}
+    auto_refine = built.kind == "ivf_pq" and spec.refine is None
+    refine = built.params.get("refine", 1)
+    value = 1 if name == "nprobe" else 16
+    tried = []  # (recall, value, refine)
     while True:
+        fetch = min(k * refine, n)
         _, I = search(built, x[rows], fetch, **{name: value})
         if fetch > k:
             _, I = rescore_exact(x[rows], x, I, k)
-        recalls[value] = _recall_without_self(I, I_true, rows, k - 1)
-        if recalls[value] >= spec.target_recall or value >= cap:
+        tried.append((_recall_without_self(I, I_true, rows, k - 1), value, refine))
+        if tried[-1][0] >= spec.target_recall:
             break
-        history = list(recalls.values())
-        if len(history) >= 3 and history[-1] - history[-3] < 0.005:
-            break  # plateau: the codes (PQ), not the probing, limit recall now
+        same = [(r, v) for r, v, f in tried if f == refine]
+        plateau = len(same) >= 3 and same[-1][0] - same[-3][0] < 0.005
+        if plateau or value >= cap:
+            if auto_refine and refine < _MAX_REFINE:
+                refine *= 2
+                value = same[-3][1] if plateau else value  # probing was saturated there
+                continue
+            break
         value = min(value * 2, cap)
-    if recalls[value] < spec.target_recall:
-        best = max(recalls.values())
-        value = min(v for v, r in recalls.items() if r >= best - 1e-3)
+    recall, value, refine = tried[-1]
+    if recall < spec.target_recall:
+        best = max(t[0] for t in tried)
+        recall, value, refine = min((t for t in tried if t[0] >= best - 1e-3), key=lambda t: (t[2], t[1]))
         logger.warning("%s calibration reached recall@10 %.3f < target %.3f; using %s=%d",
                        built.kind, best, spec.target_recall, name, value)
-    built.params["calibrated_recall"] = round(recalls[value], 4)
-    logger.info("%s: %s=%d gives recall@10 %.3f on %d stored vectors", built.kind, name, value,
-                recalls[value], rows.size)
+    if built.kind == "ivf_pq":
+        built.params["refine"] = refine
+    built.params["calibrated_recall"] = round(recall, 4)
+    logger.info("%s: %s=%d (refine %d) gives recall@10 %.3f on %d stored vectors", built.kind, name, value,
+                refine, recall, rows.size)
     return value

@@ -10,8 +10,6 @@ Checkpoints hold tensors and plain values only: ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import time
@@ -25,86 +23,26 @@ from tqdm import tqdm
 
 from training.batches import Batch, Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
 from training.config import RunConfig, dump_config
-from training.data import DataError, SequenceData, Split, load_dataset, pad_prefixes
+from training.data import DataError, pad_prefixes
 from training.evaluate import EvalResult, evaluate_scorer
-from training.io import append_jsonl, atomic_write, atomic_write_json
-from training.model import ModelConfig, SequenceEncoder, duorec_loss, model_checksum
+from training.io import append_jsonl, atomic_write_json
+from training.model import duorec_loss, model_checksum
+from training.run import (
+    MODEL_FORMAT,
+    RunError,
+    atomic_torch_save,
+    autocast,
+    build_model,
+    gather_items,
+    item_popularity,
+    load_model_file,
+    load_run_data,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ragrec.duorec.v1"
-MODEL_FORMAT = "ragrec.model.v1"
-
-
-class RunError(ValueError):
-    """A run that cannot start or continue; the message says what to do."""
-
-
-# ------------------------------------------------------------------ data helpers
-
-
-def load_run_data(cfg: RunConfig) -> SequenceData:
-    """Read (and for ``source: ml-100k`` fetch) the dataset named by the config."""
-    path = Path(cfg.data.path)
-    if cfg.data.source == "ml-100k" and not path.exists():
-        from training.movielens import fetch_ml100k
-
-        path = fetch_ml100k(path.parent)
-    return load_dataset(
-        path,
-        user_col=cfg.data.user_col,
-        item_col=cfg.data.item_col,
-        time_col=cfg.data.time_col,
-        fmt=cfg.data.format,
-        k_core=cfg.data.k_core,
-    )
-
-
-def gather_items(data: SequenceData, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """data.sequences[u][t] for each pair, vectorised: (N,) int64."""
-    return data.flat[data.offsets[users] + positions].astype(np.int64)
-
-
-def item_popularity(data: SequenceData, split: Split) -> np.ndarray:
-    """Training interaction counts per item id (index 0 = padding, always 0): (n_items + 1,)."""
-    counts = np.bincount(gather_items(data, split.train_users, split.train_positions),
-                         minlength=data.n_items + 1)
-    first_users = np.unique(split.train_users)
-    counts += np.bincount(gather_items(data, first_users, np.zeros_like(first_users)),
-                          minlength=data.n_items + 1)
-    counts[0] = 0
-    return counts
-
-
-def build_model(cfg: RunConfig, n_items: int) -> SequenceEncoder:
-    return SequenceEncoder(ModelConfig(n_items=n_items, max_len=cfg.data.max_seq_len, **cfg.model.model_dump()))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SequenceEncoder, dict]:
-    """Load ``model.pt`` (weights-only unpickling) and rebuild the encoder it describes."""
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise RunError(f"model file not found: {path}") from None
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise RunError(f"{path} is not a ragrec model file (format {blob.get('format') if isinstance(blob, dict) else '?'})")
-    model = SequenceEncoder(ModelConfig(**blob["model_config"]))
-    model.load_state_dict(blob["model"], strict=True)
-    return model, blob
 
 
 # ------------------------------------------------------------------ trainer
@@ -367,7 +305,7 @@ class Trainer:
             "valid": valid,
             "checksum": model_checksum(self.model),
         }
-        _atomic_torch_save(blob, self.out / "model.pt")
+        atomic_torch_save(blob, self.out / "model.pt")
 
     def save_checkpoint(self, epoch: int) -> None:
         blob = {
@@ -384,7 +322,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": self.rng.bit_generator.state,
         }
-        _atomic_torch_save(blob, self.out / "last.pt")
+        atomic_torch_save(blob, self.out / "last.pt")
 
     def _load_checkpoint(self, path: Path) -> None:
         blob = torch.load(path, map_location=self.device, weights_only=True)
@@ -408,12 +346,6 @@ class Trainer:
         self.__dict__.pop("forward", None)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, lambda fh: fh.write(buf.getbuffer()))
-
-
 def run_training(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                  progress: bool | None = None) -> dict[str, Any]:
     trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
@@ -424,35 +356,3 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
         trainer.cleanup()
 
 
-def evaluate_run(run_dir: str | Path, *, device: str = "cpu") -> dict[str, Any]:
-    """Recompute valid/test metrics of a finished run from its saved files."""
-    from training.config import load_config
-    from training.data import Vocabulary, leave_one_out
-
-    run = Path(run_dir)
-    for name in ("config.yaml", "model.pt", "items.json"):
-        if not (run / name).is_file():
-            raise RunError(f"{run} is not a finished run: {name} is missing")
-    cfg = load_config(run / "config.yaml")
-    vocab = Vocabulary.load(run / "items.json")
-    path = Path(cfg.data.path)
-    data = load_dataset(path, user_col=cfg.data.user_col, item_col=cfg.data.item_col,
-                        time_col=cfg.data.time_col, fmt=cfg.data.format, k_core=cfg.data.k_core, item_vocab=vocab)
-    split = leave_one_out(data)
-    model, _ = load_model_file(run / "model.pt", map_location=device)
-    model.eval()
-    pop = item_popularity(data, split)
-    L = cfg.data.max_seq_len
-    out: dict[str, Any] = {}
-    for name, u, p in (("valid", split.valid_users, split.valid_positions),
-                       ("test", split.test_users, split.test_positions)):
-        prefixes, _ = pad_prefixes(data, u, p, L)
-
-        def score(seq: torch.Tensor) -> torch.Tensor:
-            with autocast(torch.device(device), cfg.train.precision):
-                return model.scores(model(seq))
-
-        out[name] = evaluate_scorer(score, prefixes, gather_items(data, u, p), ks=cfg.eval.ks,
-                                    item_popularity=pop, mask_seen=cfg.eval.mask_seen,
-                                    batch_size=cfg.eval.batch_size, device=device).metrics
-    return out

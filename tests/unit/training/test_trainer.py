@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from training.config import load_config
+from training.run import RunError, evaluate_run
 from training.synthetic import generate_interactions, write_inter
-from training.trainer import RunError, Trainer, evaluate_run, run_training
+from training.trainer import Trainer, run_training
 
 
 @pytest.fixture(scope="module")
