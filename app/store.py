@@ -373,13 +373,17 @@ class RedisStore(Store):
             out.append((item, float(ts)))
         return out
 
+    def _cache_key(self, key: str, index_version: str) -> str:
+        # the length prefix keeps ("a:b", "c") and ("a", "b:c") apart
+        return self._key("cache", str(len(index_version)), index_version, key)
+
     async def cache_get(self, key: str, index_version: str) -> bytes | None:
         with self._guard("cache_get"):
-            return await self._redis.get(self._key("cache", index_version, key))
+            return await self._redis.get(self._cache_key(key, index_version))
 
     async def cache_set(self, key: str, index_version: str, value: bytes, ttl_s: float) -> None:
         with self._guard("cache_set"):
-            await self._redis.set(self._key("cache", index_version, key), value, px=_ms(ttl_s))
+            await self._redis.set(self._cache_key(key, index_version), value, px=_ms(ttl_s))
 
     async def acquire_lock(self, name: str, owner: str, ttl_s: float) -> bool:
         with self._guard("acquire_lock"):

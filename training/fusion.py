@@ -114,6 +114,7 @@ class RetrievalAttention(nn.Module):
 
     def __init__(
         self,
+        dim: int | None = None,  # unused; every retrieval module takes it so build_retrieval is uniform
         temperature: float = 0.1,
         values: str = "target",
         quality_threshold: float | None = None,
@@ -195,8 +196,9 @@ class FusionOutput:
     stats: dict[str, torch.Tensor]  # detached 0-d tensors; call .item() only when logging
 
 
-def fusion_stats(a: torch.Tensor, b: torch.Tensor, fused: torch.Tensor, alpha: torch.Tensor,
-                 has: torch.Tensor) -> dict[str, torch.Tensor]:
+def fusion_stats(
+    a: torch.Tensor, b: torch.Tensor, fused: torch.Tensor, alpha: torch.Tensor, has: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """alpha mean, alpha std ACROSS examples (of each example's mean alpha), the mean
     per-example std over dimensions (0 for a scalar alpha), ‖a‖/‖b‖ over examples with
     neighbours (NaN if none), cosine(a, fused) and the fraction of examples retrieving."""
@@ -206,7 +208,9 @@ def fusion_stats(a: torch.Tensor, b: torch.Tensor, fused: torch.Tensor, alpha: t
         return {
             "alpha_mean": per_example.mean(),
             "alpha_std": per_example.std(unbiased=False),
-            "alpha_dim_std": alpha.std(dim=1, unbiased=False).mean() if alpha.shape[1] > 1 else alpha.new_zeros(()),
+            "alpha_dim_std": alpha.std(dim=1, unbiased=False).mean()
+            if alpha.shape[1] > 1
+            else alpha.new_zeros(()),
             "norm_ratio": ratio[has].mean() if bool(has.any()) else ratio.new_tensor(float("nan")),
             "cos_fused": F.cosine_similarity(a, fused, dim=1).mean(),
             "retrieval_rate": has.float().mean(),
@@ -215,7 +219,7 @@ def fusion_stats(a: torch.Tensor, b: torch.Tensor, fused: torch.Tensor, alpha: t
 
 def _mix(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, has: torch.Tensor) -> FusionOutput:
     """(1 - α) a + α b, with α forced to 0 (and the output to a exactly) where has is False."""
-    alpha = alpha * has[:, None]
+    alpha = torch.where(has[:, None], alpha, torch.zeros_like(alpha))
     mixed = (1.0 - alpha) * a + alpha * b
     fused = torch.where(has[:, None], mixed, a)  # exact a even if b holds NaN there
     return FusionOutput(fused, alpha, fusion_stats(a, b, fused, alpha, has))
@@ -259,7 +263,9 @@ class GatedFusion(nn.Module):
 
     output = "representation"
 
-    def __init__(self, dim: int, alpha_max: float = 1.0, temperature: float = 1.0, init_bias: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, alpha_max: float = 1.0, temperature: float = 1.0, init_bias: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm_h = nn.LayerNorm(dim)
         self.norm_r = nn.LayerNorm(dim)
@@ -339,7 +345,13 @@ RETRIEVALS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_fusion(name: str, dim: int, **kwargs: float) -> nn.Module:
+def build_fusion(name: str, dim: int, **kwargs: object) -> nn.Module:
     if name not in FUSIONS:
         raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {name!r}")
     return FUSIONS[name](dim=dim, **kwargs)
+
+
+def build_retrieval(name: str, dim: int, **kwargs: object) -> nn.Module:
+    if name not in RETRIEVALS:
+        raise ValueError(f"retrieval must be one of {sorted(RETRIEVALS)}, got {name!r}")
+    return RETRIEVALS[name](dim=dim, **kwargs)

@@ -40,7 +40,9 @@ def kl_divergence(
     as zero-probability under both. Returns (...) — no reduction.
     """
     if p_log.shape != q_log.shape:
-        raise ValueError(f"p_log and q_log must have the same shape, got {tuple(p_log.shape)} and {tuple(q_log.shape)}")
+        raise ValueError(
+            f"p_log and q_log must have the same shape, got {tuple(p_log.shape)} and {tuple(q_log.shape)}"
+        )
     if mask is None:
         mask = torch.isfinite(p_log) & torch.isfinite(q_log)
     if direction == "forward":
@@ -57,22 +59,34 @@ def kl_divergence(
 # ---------------------------------------------------------------- usefulness of each neighbour
 
 
-def usefulness_from_scores(scores: torch.Tensor, neighbour_targets: torch.Tensor, targets: torch.Tensor,
-                           item_emb: torch.Tensor | None = None) -> torch.Tensor:
+def usefulness_from_scores(
+    scores: torch.Tensor,
+    neighbour_targets: torch.Tensor,
+    targets: torch.Tensor,
+    item_emb: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, K) the recommender's score for each neighbour's target. Softmax over neighbours of
     these equals softmax of its log-probabilities (the log-partition cancels).
     scores: (B, N); neighbour_targets: (B, K) item ids >= 1 (padding slots are clamped, mask them)."""
     return scores.gather(1, (neighbour_targets - 1).clamp(min=0))
 
 
-def usefulness_from_match(scores: torch.Tensor | None, neighbour_targets: torch.Tensor, targets: torch.Tensor,
-                          item_emb: torch.Tensor | None = None) -> torch.Tensor:
+def usefulness_from_match(
+    scores: torch.Tensor | None,
+    neighbour_targets: torch.Tensor,
+    targets: torch.Tensor,
+    item_emb: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, K) 1.0 where the neighbour's target is the true next item, else 0."""
     return (neighbour_targets == targets[:, None]).float()
 
 
-def usefulness_from_similarity(scores: torch.Tensor | None, neighbour_targets: torch.Tensor, targets: torch.Tensor,
-                               item_emb: torch.Tensor | None = None) -> torch.Tensor:
+def usefulness_from_similarity(
+    scores: torch.Tensor | None,
+    neighbour_targets: torch.Tensor,
+    targets: torch.Tensor,
+    item_emb: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, K) cosine between each neighbour target's embedding and the true item's. item_emb: (N + 1, D)."""
     if item_emb is None:
         raise ValueError("usefulness 'similarity' needs the item embedding table")

@@ -7,6 +7,7 @@ used and a resumed run gets the same value back.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -69,7 +70,9 @@ class Phase:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown phase key(s) {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(until_epoch=int(d["until_epoch"]), train=tuple(d["train"]), lr_mult=float(d.get("lr_mult", 1.0)))
+        return cls(
+            until_epoch=int(d["until_epoch"]), train=tuple(d["train"]), lr_mult=float(d.get("lr_mult", 1.0))
+        )
 
 
 def parse_phases(phases: Iterable[Phase | dict[str, Any]]) -> list[Phase]:
@@ -77,7 +80,7 @@ def parse_phases(phases: Iterable[Phase | dict[str, Any]]) -> list[Phase]:
     if not out:
         raise ValueError("progressive unfreezing needs at least one phase")
     ends = [p.until_epoch for p in out]
-    if any(b <= a for a, b in zip(ends, ends[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(ends)):
         raise ValueError(f"phase until_epoch values must increase, got {ends}")
     return out
 
@@ -140,6 +143,11 @@ def apply_unfreezing(
         if params
     ]
     n_train = sum(p.numel() for g in out for p in g["params"])
-    logger.info("epoch %d: phase until_epoch=%d trains %s (%d params)", epoch, phase.until_epoch,
-                list(phase.train), n_train)
+    logger.info(
+        "epoch %d: phase until_epoch=%d trains %s (%d params)",
+        epoch,
+        phase.until_epoch,
+        list(phase.train),
+        n_train,
+    )
     return out

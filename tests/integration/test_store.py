@@ -108,6 +108,7 @@ def test_cache_keyed_by_index_version_and_expires(store: Store, run: Run) -> Non
     assert run(store.cache_get("rec:u1", "v1")) == b"\x00payload"
     assert run(store.cache_get("rec:u1", "v2")) is None
     assert run(store.cache_get("rec:other", "v1")) is None
+    assert run(store.cache_get("u1", "v1:rec")) is None  # no confusion when names contain separators
     run(store.cache_set("rec:u1", "v2", b"fresh", ttl_s=30))
     assert run(store.cache_get("rec:u1", "v1")) == b"\x00payload"
     time.sleep(0.4)
@@ -191,6 +192,19 @@ def test_make_store_picks_backend(run: Run) -> None:
 
 
 @pytest.mark.redis
+def test_redis_restart_is_invisible_to_the_next_call(private_redis_server: Any, run: Run) -> None:
+    store = RedisStore.from_url(private_redis_server.url, prefix="restart")
+    try:
+        assert run(store.ping()) is True  # leaves a pooled connection that the restart breaks
+        private_redis_server.stop()
+        private_redis_server.start()
+        run(store.append_events([ev("u", "a", 1)], max_len=10))
+        assert run(store.history("u")) == [("a", 1.0)]
+    finally:
+        run(store.close())
+
+
+@pytest.mark.redis
 def test_redis_down_fails_fast_then_recovers(private_redis_server: Any, run: Run) -> None:
     store = RedisStore.from_url(private_redis_server.url, prefix="outage")
     try:
@@ -198,12 +212,13 @@ def test_redis_down_fails_fast_then_recovers(private_redis_server: Any, run: Run
         assert run(store.history("u")) == [("a", 1.0)]
 
         private_redis_server.stop()
-        calls = [store.history("u"), store.append_events([ev("u", "b", 2)], max_len=10),
-                 store.cache_get("k", "v1"), store.acquire_lock("rebuild", "a", ttl_s=5), store.get_job("j")]
+        calls = [lambda: store.history("u"), lambda: store.append_events([ev("u", "b", 2)], max_len=10),
+                 lambda: store.cache_get("k", "v1"), lambda: store.acquire_lock("rebuild", "a", ttl_s=5),
+                 lambda: store.get_job("j")]
         for call in calls:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match="redis"):
-                run(call)
+                run(call())
             assert time.monotonic() - started < 2.0
         started = time.monotonic()
         assert run(store.ping()) is False

@@ -44,3 +44,12 @@ def test_bad_configs_name_the_problem(tmp_path, text, overrides, match):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/cfg.yaml")
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[3].joinpath("configs").glob("*.yaml"))
+    assert configs, "no configs found"
+    for path in configs:
+        load_config(path)
