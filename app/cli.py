@@ -1,4 +1,4 @@
-"""The ``ragrec`` command: data, train, evaluate (serve, index, ... join as they land).
+"""The ``ragrec`` command: data, train, evaluate, serve.
 
 Every expected failure (bad config, bad data, unusable run directory) prints ONE line
 starting with ``error:`` to stderr and exits with status 2.
@@ -89,7 +89,8 @@ def train(
     shuffle_targets: Annotated[bool, typer.Option(help="Sanity mode: permuted training targets")] = False,
     verbose: bool = False,
 ) -> None:
-    """Train DuoRec and write metrics.json, the checkpoint and the vocabulary to --out."""
+    """Train DuoRec (or, with ra.enabled=true, fine-tune one with retrieval) and write
+    metrics.json, the checkpoint and the vocabulary to --out."""
     from training.config import load_config
     from training.trainer import run_training
 
@@ -100,7 +101,15 @@ def train(
     if resume and config is None and (out / "config.yaml").is_file():
         config = out / "config.yaml"
     cfg = load_config(config, overrides)
-    result = run_training(cfg, out, resume=resume)
+    if cfg.ra.enabled:  # stage 2: retrieval-augmented fine-tuning of the DuoRec run in ra.pretrained
+        from training.ra_trainer import run_ra_training
+        from training.run import RunError
+
+        if resume:
+            raise RunError("--resume is not supported for the retrieval-augmented stage yet")
+        result = run_ra_training(cfg, out)
+    else:
+        result = run_training(cfg, out, resume=resume)
     typer.echo(json.dumps({"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"]},
                           indent=2))
 
@@ -116,6 +125,39 @@ def evaluate(
 
     _setup_logging(False)
     typer.echo(json.dumps(evaluate_run(run, device=device), indent=2))
+
+
+@app.command()
+@friendly
+def serve(
+    run: Annotated[Path | None, typer.Option(help="Run directory written by `ragrec train` (or RAGREC_RUN_DIR)")] = None,
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Serve a trained run over HTTP (FastAPI + uvicorn); API docs at /docs."""
+    import os
+    import socket
+
+    from training.run import RunError
+
+    run_dir = run or (Path(os.environ["RAGREC_RUN_DIR"]) if os.environ.get("RAGREC_RUN_DIR") else None)
+    if run_dir is None:
+        raise RunError("no run directory: pass --run runs/NAME or set RAGREC_RUN_DIR")
+    for name in ("model.pt", "items.json", "config.yaml"):
+        if not (run_dir / name).is_file():
+            raise RunError(f"{run_dir} is not a finished run: {name} is missing (train it with `ragrec train`)")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise RunError(f"port {port} on {host} is already in use; stop the other server or pass --port") from None
+    from app.main import serve as run_server
+
+    _setup_logging(False)
+    typer.echo(f"serving {run_dir} on http://{host}:{port} (API docs: http://{host}:{port}/docs)", err=True)
+    run_server(run_dir, host=host, port=port, workers=workers)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -63,6 +64,8 @@ class RedisServer:
 
 def _redis_binary() -> str:
     binary = shutil.which("redis-server")
+    if binary is None and os.environ.get("CI") == "true":
+        pytest.fail("CI=true but redis-server is not installed: scripts/test.sh installs it with apt-get")
     if binary is None:
         pytest.skip("redis-server binary not found (CI installs it with apt-get install redis-server)")
     return binary

@@ -5,6 +5,7 @@ Unknown keys and wrong types are errors (``ConfigError``), never a silent defaul
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,12 +90,56 @@ class EvalConfig(_Strict):
         return self
 
 
+class UnfreezePhase(_Strict):
+    until_epoch: int = Field(ge=1)  # the phase covers RA epochs before this one (counted from 0)
+    train: list[str]  # submodules that train: "encoder", "retriever", "fusion", "" = everything
+    lr_mult: float = Field(1.0, gt=0.0)
+
+
+class RAConfig(_Strict):
+    """Stage 2: retrieval-augmented fine-tuning of a finished DuoRec run (``ragrec train``
+    runs it instead of pretraining when ``enabled``)."""
+
+    enabled: bool = False
+    pretrained: str | None = None  # DuoRec run directory or its model.pt
+    k: int = Field(20, ge=1)  # neighbours per query
+    fusion: Literal["fixed", "adaptive", "gated", "attention", "entropy"] = "gated"
+    values: Literal["target", "sequence", "both"] = "target"  # what a neighbour contributes to r
+    match_norm: bool = True  # rescale r to |h| before fusion (r is ~30x shorter than h otherwise)
+    temperature_t0: float = Field(0.1, gt=0.0)  # retrieval softmax temperature at RA epoch 0
+    temperature_decay: float = Field(0.95, gt=0.0, le=1.0)  # per epoch
+    temperature_min: float = Field(0.05, gt=0.0)
+    alpha_max: float = Field(0.5, ge=0.0, le=1.0)  # cap on the retrieval side's weight
+    alpha_warmup_epochs: int = Field(2, ge=0)  # alpha_max, enhanced weight: target/n, 2·target/n, ...
+    enhanced_weight: float = Field(1.0, ge=0.0)  # weight of CE on the fused representation
+    kl_weight: float = Field(0.05, ge=0.0)  # weight of the retrieval KL term (small)
+    kl_direction: Literal["forward", "reverse", "js"] = "forward"
+    quality_threshold: float | None = None  # neighbours with quality below it are masked
+    rebuild_every_early: int = Field(1, ge=1)  # re-encode the bank's keys every n epochs ...
+    rebuild_every_late: int = Field(3, ge=1)  # ... and every m epochs from rebuild_switch_epoch on
+    rebuild_switch_epoch: int = Field(5, ge=0)
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    patience: int = Field(5, ge=1)  # epochs without a better validation NDCG@10 (with retrieval)
+    unfreeze: list[UnfreezePhase] = Field(default_factory=list)  # empty: everything trains throughout
+
+    @model_validator(mode="after")
+    def _needs_checkpoint(self) -> RAConfig:
+        if self.enabled and not self.pretrained:
+            raise ValueError("ra.enabled needs ra.pretrained (a DuoRec run directory or model.pt)")
+        ends = [p.until_epoch for p in self.unfreeze]
+        if any(b <= a for a, b in itertools.pairwise(ends)):
+            raise ValueError(f"ra.unfreeze until_epoch values must increase, got {ends}")
+        return self
+
+
 class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSection = Field(default_factory=ModelSection)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ra: RAConfig = Field(default_factory=RAConfig)
 
 
 def _format_error(err: ValidationError) -> str:

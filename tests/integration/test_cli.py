@@ -79,3 +79,20 @@ def test_evaluate_on_missing_run_is_clear(tmp_path):
     res = ragrec("evaluate", "--run", str(tmp_path / "nope"))
     assert res.returncode != 0
     assert "not a finished run" in res.stderr
+
+
+def test_serve_refuses_a_taken_port_and_a_missing_run(tmp_path, inter):
+    import socket
+
+    out = tmp_path / "run"
+    assert ragrec("train", "--out", str(out), "--set", f"data.path={inter}", *TINY).returncode == 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = ragrec("serve", "--run", str(out), "--port", str(port))
+    assert res.returncode == 2
+    assert "already in use" in res.stderr
+    res = ragrec("serve", "--run", str(tmp_path / "missing"))
+    assert res.returncode == 2
+    assert "not a finished run" in res.stderr

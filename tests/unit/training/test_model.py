@@ -116,3 +116,19 @@ def test_ce_at_init_is_near_uniform():
     h = model(torch.tensor([[1, 2, 3]]))
     ce = F.cross_entropy(model.scores(h), torch.tensor([4])).detach()
     assert abs(float(ce) - math.log(30)) < 0.5
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_fast_dropout_keeps_the_right_fraction_and_mean(p):
+    from training.model import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = dropout(x, p, training=True)
+    kept = (y > 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.02 / (1 - p)
+    assert torch.equal(dropout(x, p, training=False), x)
+    assert torch.equal(dropout(x, 0.0, training=True), x)
+    # independent masks on consecutive calls
+    assert not torch.equal(dropout(x, p, True) > 0, dropout(x, p, True) > 0)

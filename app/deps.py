@@ -1,0 +1,54 @@
+"""Typed dependencies: what a route needs, taken from the resources `lifespan` put on `app.state`.
+
+Tests swap any of them with `app.dependency_overrides[get_engine] = ...`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
+
+from app.engine import Engine, MicroBatcher
+from app.settings import Settings
+from app.store import Store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_batcher(request: Request) -> MicroBatcher:
+    return request.app.state.batcher
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
+StoreDep = Annotated[Store, Depends(get_store)]
+
+
+def history_cap(settings: Settings, engine: Engine) -> int:
+    """Events kept per user: the setting, else the model's input length (older ones are never read)."""
+    return settings.max_history or engine.max_len
+
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key_header)]) -> None:
+    """Guard for admin endpoints: the X-API-Key header must equal RAGREC_API_KEY."""
+    if settings.api_key is None:
+        raise HTTPException(403, "admin endpoints are disabled: the server has no RAGREC_API_KEY set")
+    if key is None or not secrets.compare_digest(key.encode(), settings.api_key.encode()):
+        raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"})

@@ -1,0 +1,77 @@
+"""The FastAPI application: `create_app(settings)` and its lifespan (middleware lives in app.middleware).
+
+Run it with `serve(run_dir, host, port, workers)` (wired to `ragrec serve`) or with
+`uvicorn --factory app.main:app_from_env` and `RAGREC_*` variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.engine import Engine, MicroBatcher
+from app.middleware import (
+    BodyLimitMiddleware,
+    InternalErrorMiddleware,
+    MetricsMiddleware,
+    ServiceMetrics,
+    install_error_handlers,
+)
+from app.routes import events, health, jobs, recommend, users
+from app.settings import Settings
+from app.store import make_store
+
+logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the model (in a thread: it reads files and data) and open the store."""
+    settings: Settings = app.state.settings
+    engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device)
+    store_kw: dict[str, Any] = ({"prefix": settings.redis_prefix, "timeout_s": settings.redis_timeout_s}
+                                if settings.redis_url else {})
+    store = make_store(settings.redis_url, **store_kw)
+    batcher = MicroBatcher(engine, wait_ms=settings.batch_wait_ms, max_size=settings.batch_max_size,
+                           on_batch=app.state.metrics.observe_batch)
+    batcher.start()
+    app.state.engine, app.state.store, app.state.batcher = engine, store, batcher
+    try:
+        yield
+    finally:
+        await batcher.stop()
+        await store.close()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="ragrec", version="1", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    for module in (recommend, events, users, jobs, health):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)  # added first: innermost, next to the routes
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # added last: outermost
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory`: settings from RAGREC_* variables."""
+    return create_app(Settings())  # type: ignore[call-arg]  # run_dir comes from the environment
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Run the service under uvicorn. Other settings come from RAGREC_* variables. With workers > 1
+    every worker loads its own model; use a Redis store (RAGREC_REDIS_URL) so they share histories."""
+    import uvicorn
+
+    os.environ["RAGREC_RUN_DIR"] = str(run_dir)  # the workers build their app from the environment
+    uvicorn.run("app.main:app_from_env", factory=True, host=host, port=port, workers=workers)

@@ -1,0 +1,94 @@
+"""POST /v1/recommend and /v1/recommend/batch."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+
+from fastapi import APIRouter, HTTPException
+
+from app.deps import BatcherDep, EngineDep, SettingsDep, StoreDep
+from app.engine import Engine, Query, Recommendation
+from app.schemas import (
+    BatchRecommendRequest,
+    BatchRecommendResponse,
+    Explanation,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+)
+from app.store import Store, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/recommend", tags=["recommend"])
+
+
+async def _query(req: RecommendRequest, store: Store) -> Query:
+    """The request as an engine query; with a user_id, the stored history comes first.
+    Raises StoreUnavailable (-> 503) when the history cannot be read."""
+    items = list(req.items)
+    if req.user_id is not None:
+        items = [item for item, _ in await store.history(req.user_id)] + items
+    return Query(items=items, k=req.k, exclude_seen=req.exclude_seen, exclude_items=list(req.exclude_items))
+
+
+def _response(req: RecommendRequest, rec: Recommendation, engine: Engine) -> RecommendResponse:
+    return RecommendResponse(
+        items=[ScoredItem(item_id=i, score=s) for i, s in zip(rec.items, rec.scores, strict=True)],
+        model_version=engine.model_version,
+        index_version=engine.index_version,
+        retrieval_used=False,  # the retrieval-augmented bundle is not served yet
+        fallback=rec.fallback,  # type: ignore[arg-type]
+        unknown_items=rec.unknown_items,
+        explanation=Explanation(sequence=rec.sequence) if req.explain else None,
+    )
+
+
+def _cache_key(q: Query) -> str:
+    """Everything the answer depends on besides the model and index, which key the cache's version."""
+    raw = json.dumps([q.items, q.k, q.exclude_seen, sorted(set(q.exclude_items))])
+    return "rec:" + hashlib.sha256(raw.encode()).hexdigest()
+
+
+async def _cached(store: Store, key: str, version: str) -> Recommendation | None:
+    """A cached answer, or None; a store that is down only costs the cache, never the request."""
+    try:
+        raw = await store.cache_get(key, version)
+    except StoreUnavailable as e:
+        logger.debug("result cache skipped: %s", e)
+        return None
+    return None if raw is None else Recommendation(**json.loads(raw))
+
+
+async def _cache(store: Store, key: str, version: str, rec: Recommendation, ttl_s: float) -> None:
+    try:
+        await store.cache_set(key, version, json.dumps(dataclasses.asdict(rec)).encode(), ttl_s)
+    except StoreUnavailable as e:
+        logger.debug("result not cached: %s", e)
+
+
+@router.post("", response_model=RecommendResponse)
+async def recommend(req: RecommendRequest, engine: EngineDep, batcher: BatcherDep, store: StoreDep,
+                    settings: SettingsDep) -> RecommendResponse:
+    """Ranked items for a user's stored history and/or the given items (appended after the history).
+    503 when a user_id is given and the history store is down."""
+    query = await _query(req, store)
+    key, version = _cache_key(query), engine.cache_version
+    rec = await _cached(store, key, version)
+    if rec is None:
+        rec = await batcher.recommend(query)
+        await _cache(store, key, version, rec, settings.cache_ttl_s)
+    return _response(req, rec, engine)
+
+
+@router.post("/batch", response_model=BatchRecommendResponse)
+async def recommend_batch(body: BatchRecommendRequest, engine: EngineDep, store: StoreDep,
+                          settings: SettingsDep) -> BatchRecommendResponse:
+    if len(body.requests) > settings.max_batch:
+        raise HTTPException(422, f"a batch holds at most {settings.max_batch} requests, got {len(body.requests)}")
+    queries = list(await asyncio.gather(*(_query(r, store) for r in body.requests)))
+    recs = await asyncio.to_thread(engine.recommend_batch, queries)  # one forward pass for the batch
+    return BatchRecommendResponse(results=[_response(r, rec, engine) for r, rec in zip(body.requests, recs, strict=True)])
