@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from training.batches import Batch, Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
 from training.config import RunConfig, dump_config
-from training.data import DataError, pad_prefixes
+from training.data import DataError, leave_one_out, pad_prefixes
 from training.evaluate import EvalResult, evaluate_scorer
 from training.io import append_jsonl, atomic_write_json
 from training.model import duorec_loss, model_checksum
@@ -74,8 +74,6 @@ class Trainer:
 
         # Everything that can fail on bad input happens before the run directory is touched.
         self.data = load_run_data(cfg)
-        from training.data import leave_one_out
-
         self.split = leave_one_out(self.data)
         if len(self.split.train_users) == 0:
             raise DataError(f"{cfg.data.path}: no training examples after filtering (every user needs >= 2 items)")
@@ -343,7 +341,9 @@ class Trainer:
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     def cleanup(self) -> None:
-        self.__dict__.pop("forward", None)
+        """Drop the (possibly compiled) forward wrapper and the optimizer state; the files stay."""
+        self.forward = self.model
+        self.optimizer.state.clear()
 
 
 def run_training(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,

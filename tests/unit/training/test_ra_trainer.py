@@ -247,3 +247,32 @@ def test_alpha_zero_reproduces_the_base_model(tmp_path, pretrained, fusion):
     torch.testing.assert_close(out.scores_fused, base, rtol=0, atol=0)
     with_r, without_r = trainer.dual_evaluate("valid", bank)
     np.testing.assert_array_equal(with_r.ranks, without_r.ranks)
+
+
+def test_unfreezing_phases_and_rebuild_interval_are_applied(tmp_path, pretrained):
+    phases = "ra.unfreeze=[{until_epoch: 1, train: [retriever, fusion]}, {until_epoch: 2, train: ['']}]"
+    trainer = ready_trainer(pretrained, tmp_path / "ra", phases, "ra.rebuild_every_early=2")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.set_schedule(**trainer.schedule(0))
+    trainer._set_phase(0)
+    trainer.bank = trainer.train_bank()
+    trainer.train_epoch(0)
+    after = trainer.model.state_dict()
+    encoder_keys = [k for k in before if k.startswith("encoder.")]
+    assert all(torch.equal(before[k], after[k]) for k in encoder_keys)  # frozen in phase 0
+    assert not torch.equal(before["retriever.up.weight"], after["retriever.up.weight"])
+    assert not torch.equal(before["fusion.gate.weight"], after["fusion.gate.weight"])
+    trainer._set_phase(1)
+    assert all(p.requires_grad for p in trainer.model.parameters())
+
+    out = tmp_path / "run"
+    run_ra_training(ra_cfg(pretrained, phases, "ra.rebuild_every_early=2"), out, progress=False)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["schedule"]["phase"] for r in lines] == [0, 1]
+    assert [r["schedule"]["rebuilt"] for r in lines] == [True, False]
+
+
+def test_a_phase_without_parameters_is_refused_at_setup(tmp_path, pretrained):
+    with pytest.raises(RunError, match="hold no parameters"):
+        ready_trainer(pretrained, tmp_path / "ra", "ra.fusion=fixed",
+                      "ra.unfreeze=[{until_epoch: 1, train: [fusion]}]")
