@@ -49,14 +49,12 @@ def _popularity(run_dir: Path, vocab: Vocabulary, n_items: int) -> tuple[np.ndar
     Read from the run's training data when the file is still there; uniform otherwise.
     """
     from training.config import load_config
-    from training.data import leave_one_out, load_dataset
-    from training.run import item_popularity
+    from training.data import leave_one_out
+    from training.run import item_popularity, load_run_data
 
     try:
         cfg = load_config(run_dir / "config.yaml")
-        data = load_dataset(Path(cfg.data.path), user_col=cfg.data.user_col, item_col=cfg.data.item_col,
-                            time_col=cfg.data.time_col, fmt=cfg.data.format, k_core=cfg.data.k_core,
-                            item_vocab=vocab)
+        data = load_run_data(cfg, item_vocab=vocab, fetch=False)  # never download at service start
         counts = item_popularity(data, leave_one_out(data))[1:].astype(np.float64)
     except Exception as e:  # data moved or unreadable: the service still runs, popularity is flat
         logger.warning("popularity from training data unavailable (%s); using uniform", e)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from training.config import RunConfig
-from training.data import SequenceData, Split, load_dataset, pad_prefixes
+from training.data import SequenceData, Split, Vocabulary, leave_one_out, load_dataset, pad_prefixes
 from training.evaluate import evaluate_scorer
 from training.io import atomic_write
 from training.model import ModelConfig, SequenceEncoder
@@ -28,10 +28,13 @@ class RunError(ValueError):
 # ------------------------------------------------------------------ data helpers
 
 
-def load_run_data(cfg: RunConfig) -> SequenceData:
-    """Read (and for ``source: ml-100k`` fetch) the dataset named by the config."""
+def load_run_data(cfg: RunConfig, *, item_vocab: Vocabulary | None = None, fetch: bool = True) -> SequenceData:
+    """Read the dataset named by the config; for ``source: ml-100k`` fetch it first if missing.
+
+    With ``item_vocab`` (a run's saved ``items.json``) item ids are those the model was trained on.
+    """
     path = Path(cfg.data.path)
-    if cfg.data.source == "ml-100k" and not path.exists():
+    if fetch and cfg.data.source == "ml-100k" and not path.exists():
         from training.movielens import fetch_ml100k
 
         path = fetch_ml100k(path.parent)
@@ -42,6 +45,7 @@ def load_run_data(cfg: RunConfig) -> SequenceData:
         time_col=cfg.data.time_col,
         fmt=cfg.data.format,
         k_core=cfg.data.k_core,
+        item_vocab=item_vocab,
     )
 
 
@@ -101,17 +105,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def evaluate_run(run_dir: str | Path, *, device: str = "cpu") -> dict[str, Any]:
     """Recompute valid/test metrics of a finished run from its saved files."""
     from training.config import load_config
-    from training.data import Vocabulary, leave_one_out
 
     run = Path(run_dir)
     for name in ("config.yaml", "model.pt", "items.json"):
         if not (run / name).is_file():
             raise RunError(f"{run} is not a finished run: {name} is missing")
     cfg = load_config(run / "config.yaml")
-    vocab = Vocabulary.load(run / "items.json")
-    path = Path(cfg.data.path)
-    data = load_dataset(path, user_col=cfg.data.user_col, item_col=cfg.data.item_col,
-                        time_col=cfg.data.time_col, fmt=cfg.data.format, k_core=cfg.data.k_core, item_vocab=vocab)
+    data = load_run_data(cfg, item_vocab=Vocabulary.load(run / "items.json"))
     split = leave_one_out(data)
     model, _ = load_model_file(run / "model.pt", map_location=device)
     model.eval()
