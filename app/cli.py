@@ -1,4 +1,4 @@
-"""The ``ragrec`` command: data, train, evaluate, serve.
+"""The ``ragrec`` command: data, train, evaluate, report, serve.
 
 Every expected failure (bad config, bad data, unusable run directory) prints ONE line
 starting with ``error:`` to stderr and exits with status 2.
@@ -25,9 +25,10 @@ app.add_typer(data_app, name="data")
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from training.config import ConfigError
     from training.data import DataError
+    from training.report import ReportDependencyError, ReportError
     from training.run import RunError
 
-    return (ConfigError, DataError, RunError, FileNotFoundError, PermissionError)
+    return (ConfigError, DataError, RunError, ReportError, ReportDependencyError, FileNotFoundError, PermissionError)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -126,6 +127,18 @@ def evaluate(
 
     _setup_logging(False)
     typer.echo(json.dumps(evaluate_run(run, device=device), indent=2))
+
+
+@app.command()
+@friendly
+def report(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `ragrec train`")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/report)")] = None,
+) -> None:
+    """Plot a run's per-epoch metrics (PNG) and write report.md with the final metrics table."""
+    from training.report import write_report
+
+    typer.echo(str(write_report(run, out)))
 
 
 @app.command()

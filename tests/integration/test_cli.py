@@ -96,3 +96,17 @@ def test_serve_refuses_a_taken_port_and_a_missing_run(tmp_path, inter):
     res = ragrec("serve", "--run", str(tmp_path / "missing"))
     assert res.returncode == 2
     assert "not a finished run" in res.stderr
+
+
+def test_report_writes_pngs_and_refuses_a_missing_run(tmp_path, inter):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert ragrec("train", "--out", str(out), "--set", f"data.path={inter}", *TINY).returncode == 0
+    res = ragrec("report", str(out))
+    assert res.returncode == 0, res.stderr
+    report = out / "report" / "report.md"
+    assert res.stdout.strip() == str(report)
+    assert list((out / "report").glob("*.png"))
+    bad = ragrec("report", str(tmp_path / "nope"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error:")
