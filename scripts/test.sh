@@ -4,14 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-# Redis-backed tests start their own redis-server; install it when missing and we may.
-if ! command -v redis-server >/dev/null 2>&1; then
+# Redis-backed tests start their own redis-server; the deploy tests validate docker-compose.yml
+# with Debian's docker-compose (no Docker engine needed). Install them when missing and we may.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing redis-server (apt)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-      || echo "warning: could not install redis-server; Redis tests will be skipped" >&2
+    echo "installing ${missing[*]} (apt)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "warning: could not install ${missing[*]}; the tests that need them will say so" >&2
   else
-    echo "warning: redis-server not found; Redis tests will be skipped" >&2
+    echo "warning: ${missing[*]} not found; the tests that need them will say so" >&2
   fi
 fi
 exec .venv/bin/python -m pytest "$@"
