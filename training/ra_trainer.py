@@ -36,7 +36,7 @@ from training.config import RunConfig, dump_config
 from training.data import DataError, Vocabulary, leave_one_out, pad_prefixes
 from training.evaluate import EvalResult, evaluate_scorer, paired_bootstrap
 from training.io import append_jsonl, atomic_write_json
-from training.model import SequenceEncoder, model_checksum
+from training.model import SequenceEncoder
 from training.ra_losses import ra_loss, usefulness_from_scores, usefulness_log_probs
 from training.ra_model import Bank, RAModel, search_neighbours
 from training.run import (
@@ -49,6 +49,7 @@ from training.run import (
     item_popularity,
     load_run_data,
     resolve_device,
+    save_model_file,
 )
 from training.schedules import (
     RebuildSchedule,
@@ -404,11 +405,7 @@ class RATrainer:
 
     def _save_model(self, epoch0: int) -> None:
         encoder = self.model.encoder
-        checksum = model_checksum(encoder)
-        atomic_torch_save({
-            "format": MODEL_FORMAT, "model": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-            "model_config": encoder.cfg.to_dict(), "epoch": epoch0, "checksum": checksum,
-        }, self.out / "model.pt")
+        checksum = save_model_file(encoder, self.out / "model.pt", epoch=epoch0)
         atomic_torch_save({
             "format": RA_FORMAT, "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "model_config": encoder.cfg.to_dict(), "ra_config": self.ra.model_dump(), "epoch": epoch0,

@@ -380,7 +380,6 @@ def plot_schedule(data: RunData, path: Path) -> Path | None:
             if p in names:
                 ax.plot([], [], " ", label=f"phase {p} = {names[p]}")
         ax.set_yticks(seen)
-        ax.set_ylim(min(seen) - 0.5, max(seen) + 0.5)
         _style(ax, "Unfrozen modules", "unfreezing phase (index)")
         ax.set_ylim(min(seen) - 0.5, max(seen) + 1.5)  # headroom for the legend
     fig.suptitle(f"RA training schedule per epoch — {data.run_dir.name}", fontsize=11)

@@ -16,7 +16,7 @@ from training.config import RunConfig
 from training.data import SequenceData, Split, Vocabulary, leave_one_out, load_dataset, pad_prefixes
 from training.evaluate import evaluate_scorer
 from training.io import atomic_write
-from training.model import ModelConfig, SequenceEncoder
+from training.model import ModelConfig, SequenceEncoder, model_checksum
 
 MODEL_FORMAT = "ragrec.model.v1"
 
@@ -81,6 +81,19 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def save_model_file(model: SequenceEncoder, path: str | Path, **meta: Any) -> str:
+    """Write ``model.pt`` (CPU tensors, JSON-able meta) atomically; return the weights' checksum."""
+    checksum = model_checksum(model)
+    atomic_torch_save({
+        "format": MODEL_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": model.cfg.to_dict(),
+        "checksum": checksum,
+        **meta,
+    }, Path(path))
+    return checksum
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SequenceEncoder, dict]:

@@ -26,9 +26,8 @@ from training.config import RunConfig, dump_config
 from training.data import DataError, leave_one_out, pad_prefixes
 from training.evaluate import EvalResult, evaluate_scorer
 from training.io import append_jsonl, atomic_write_json
-from training.model import duorec_loss, model_checksum
+from training.model import duorec_loss
 from training.run import (
-    MODEL_FORMAT,
     RunError,
     atomic_torch_save,
     autocast,
@@ -38,6 +37,7 @@ from training.run import (
     load_model_file,
     load_run_data,
     resolve_device,
+    save_model_file,
 )
 
 log = logging.getLogger(__name__)
@@ -295,15 +295,7 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
 
     def _save_model(self, epoch: int, valid: dict[str, float]) -> None:
-        blob = {
-            "format": MODEL_FORMAT,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "model_config": self.model.cfg.to_dict(),
-            "epoch": epoch,
-            "valid": valid,
-            "checksum": model_checksum(self.model),
-        }
-        atomic_torch_save(blob, self.out / "model.pt")
+        save_model_file(self.model, self.out / "model.pt", epoch=epoch, valid=valid)
 
     def save_checkpoint(self, epoch: int) -> None:
         blob = {
