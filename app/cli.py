@@ -49,7 +49,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    level = logging.DEBUG if verbose else logging.INFO
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports progress
+        level = logging.WARNING
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -92,7 +95,8 @@ def train(
     verbose: bool = False,
 ) -> None:
     """Train DuoRec (or, with ra.enabled=true, fine-tune one with retrieval) and write
-    metrics.json, the checkpoint and the vocabulary to --out."""
+    metrics.json, the checkpoint and the vocabulary to --out. Started by torchrun, the
+    processes train one data-parallel run (gloo on CPU, NCCL on CUDA)."""
     from training.config import load_config
     from training.trainer import run_training
 
@@ -112,8 +116,9 @@ def train(
         result = run_ra_training(cfg, out)
     else:
         result = run_training(cfg, out, resume=resume)
-    typer.echo(json.dumps({"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"]},
-                          indent=2))
+    if os.environ.get("RANK", "0") == "0":  # one summary per run, not one per torchrun process
+        typer.echo(json.dumps({"valid": result["valid"], "test": result["test"],
+                               "best_epoch": result["best_epoch"]}, indent=2))
 
 
 @app.command()

@@ -12,6 +12,8 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
 from app.engine import Engine, MicroBatcher
+from app.jobs import Jobs
+from app.middleware import ServiceMetrics
 from app.settings import Settings
 from app.store import Store
 
@@ -32,10 +34,25 @@ def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+def get_jobs(request: Request) -> Jobs:
+    """The replica's job runner; 409 when the served run has no retrieval model (nothing to index)."""
+    jobs = request.app.state.jobs
+    if jobs is None:
+        raise HTTPException(409, "this service runs a model without retrieval (no ra.pt in its run directory); "
+                                 "train the retrieval-augmented stage to get an index")
+    return jobs
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 StoreDep = Annotated[Store, Depends(get_store)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+JobsDep = Annotated[Jobs, Depends(get_jobs)]
 
 
 def history_cap(settings: Settings, engine: Engine) -> int:

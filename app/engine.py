@@ -14,24 +14,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from app.index import IndexManager
+    from retriever import MemoryBank, SearchResult
     from training.data import Vocabulary
     from training.model import SequenceEncoder
+    from training.ra_model import RAModel, RAOutput
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Query:
-    items: list[str]  # raw item ids, oldest first (stored history, then the request's items)
+    items: list[str]  # raw item ids, oldest first (stored events, then the request's items)
     k: int
     exclude_seen: bool = True  # drop the sequence's own items from the ranking
     exclude_items: list[str] = field(default_factory=list)
+    user_id: str | None = None  # its training-data history comes first; its own bank entries are skipped
+    use_retrieval: bool = True
+    explain: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,48 +47,79 @@ class Recommendation:
     fallback: str | None  # "popular" when the sequence had no known item
     unknown_items: list[str]  # request items not in the vocabulary, deduplicated, first-seen order
     sequence: list[str]  # the known items the model read (after truncation to max_len)
+    retrieval_used: bool = False
+    index_version: str | None = None
+    neighbours: list[dict] | None = None  # with explain and retrieval: the neighbours used, best first
+    fusion: dict | None = None  # with explain and retrieval: alpha/gate summary
 
 
-def _popularity(run_dir: Path, vocab: Vocabulary, n_items: int) -> tuple[np.ndarray, str]:
-    """Training interaction counts per item, (n_items,) float64 summing to 1, and where they came from.
+@dataclass
+class RunFiles:
+    """What the service reads from a run directory besides the model."""
 
-    Read from the run's training data when the file is still there; uniform otherwise.
+    popularity: np.ndarray  # (n_items,) float64 summing to 1
+    histories: dict[str, np.ndarray]  # training-data user -> known item ids, oldest first
+    source: str
+
+
+def read_run_data(run_dir: Path, vocab: Vocabulary, n_items: int) -> RunFiles:
+    """Item popularity and users' training-data histories from the run's dataset.
+
+    When the file is gone or unreadable the service still runs: popularity is uniform and no
+    user has a training-data history (only events posted to the service count).
     """
     from training.config import load_config
     from training.data import leave_one_out
     from training.run import item_popularity, load_run_data
 
+    uniform = RunFiles(np.full(n_items, 1.0 / n_items), {}, "uniform")
     try:
         cfg = load_config(run_dir / "config.yaml")
         data = load_run_data(cfg, item_vocab=vocab, fetch=False)  # never download at service start
         counts = item_popularity(data, leave_one_out(data))[1:].astype(np.float64)
-    except Exception as e:  # data moved or unreadable: the service still runs, popularity is flat
-        logger.warning("popularity from training data unavailable (%s); using uniform", e)
-        return np.full(n_items, 1.0 / n_items), "uniform"
+    except Exception as e:  # data moved or unreadable
+        logger.warning("training data unavailable (%s): uniform popularity, no stored histories", e)
+        return uniform
     if counts.shape != (n_items,) or counts.sum() <= 0:
-        logger.warning("training data does not match the model's %d items; using uniform popularity", n_items)
-        return np.full(n_items, 1.0 / n_items), "uniform"
-    return counts / counts.sum(), "training-data"
+        logger.warning("training data does not match the model's %d items; ignoring it", n_items)
+        return uniform
+    histories = dict(zip(data.users, data.sequences, strict=True))
+    return RunFiles(counts / counts.sum(), histories, "training-data")
 
 
 class Engine:
-    """A loaded model, its vocabulary and item popularity. Thread-safe for inference."""
+    """A loaded model, its vocabulary, item popularity and, for a retrieval-augmented run, the RA
+    model and the serving index. Thread-safe for inference."""
 
     def __init__(self, model: SequenceEncoder, vocab: Vocabulary, popularity: np.ndarray, *, model_version: str,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", ra: RAModel | None = None, ra_config: dict | None = None,
+                 histories: dict[str, np.ndarray] | None = None, run_dir: Path | None = None) -> None:
         n_items = model.cfg.n_items
         if len(vocab) - 1 != n_items:
             raise ValueError(f"vocabulary has {len(vocab) - 1} items but the model has {n_items}")
         if popularity.shape != (n_items,):
             raise ValueError(f"popularity must have shape ({n_items},), got {popularity.shape}")
+        if ra is not None and ra.encoder is not model:
+            raise ValueError("the RA model must wrap the served encoder")
         self.model = model.to(device).eval()
+        self.ra = ra
+        self.ra_config = ra_config or {}  # the RA stage's config (k, values, fusion, ...) from ra.pt
+        self.ra_k = int(self.ra_config.get("k", 20))  # neighbours per query
         self.vocab = vocab
         self.device = torch.device(device)
         self.n_items = n_items
         self.max_len = model.cfg.max_len
         self.model_version = model_version
-        self.index_version: str | None = None  # set once a retrieval index is served with the model
+        self.histories = histories or {}
+        self.run_dir = run_dir  # where the model came from (evaluation jobs read its data)
+        self.index: IndexManager | None = None  # set by the service once it serves a bank
         self.popularity = torch.as_tensor(popularity, dtype=torch.float32)  # (n_items,)
+        self.on_stage: Callable[[str, float], None] | None = None  # (stage, seconds): model/search/fusion
+
+    @property
+    def index_version(self) -> str | None:
+        serving = self.index.serving if self.index is not None else None
+        return None if serving is None else serving.version
 
     @property
     def cache_version(self) -> str:
@@ -90,21 +127,31 @@ class Engine:
         return f"{self.model_version}|{self.index_version}"
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, *, device: str = "cpu") -> Engine:
+    def from_run_dir(cls, run_dir: str | Path, *, device: str = "cpu", histories: bool = True) -> Engine:
+        """Load a finished run: ``model.pt``, and ``ra.pt`` when the run is retrieval-augmented.
+        histories: read users' training-data histories (requests by user_id start from them)."""
         from training.data import Vocabulary
+        from training.ra_bundle import load_ra_model
         from training.run import RunError, load_model_file
 
         run = Path(run_dir)
         for name in ("config.yaml", "model.pt", "items.json"):
             if not (run / name).is_file():
                 raise RunError(f"{run} is not a finished run: {name} is missing")
-        model, blob = load_model_file(run / "model.pt", map_location=device)
+        ra, ra_config = None, None
+        if (run / "ra.pt").is_file():
+            ra, blob = load_ra_model(run, map_location=device)
+            model, ra_config = ra.encoder, blob["ra_config"]
+        else:
+            model, blob = load_model_file(run / "model.pt", map_location=device)
         vocab = Vocabulary.load(run / "items.json")
-        popularity, source = _popularity(run, vocab, model.cfg.n_items)
+        files = read_run_data(run, vocab, model.cfg.n_items)
         version = f"{run.name}@{str(blob.get('checksum', 'unknown'))[:12]}"
-        logger.info("loaded %s: %d items, max_len %d, popularity from %s", version, model.cfg.n_items,
-                    model.cfg.max_len, source)
-        return cls(model, vocab, popularity, model_version=version, device=device)
+        logger.info("loaded %s (%s): %d items, max_len %d, popularity from %s", version,
+                    "retrieval-augmented" if ra is not None else "base model", model.cfg.n_items,
+                    model.cfg.max_len, files.source)
+        return cls(model, vocab, files.popularity, model_version=version, device=device, ra=ra, ra_config=ra_config,
+                   histories=files.histories if histories else None, run_dir=run)
 
     def _known_ids(self, tokens: list[str]) -> tuple[np.ndarray, list[str]]:
         """(ids > 0 in order, unknown tokens deduplicated). The padding token counts as unknown."""
@@ -112,15 +159,27 @@ class Engine:
         unknown = list(dict.fromkeys(t for t, i in zip(tokens, ids, strict=True) if i <= 0))
         return ids[ids > 0], unknown
 
+    def sequence_ids(self, user_id: str | None, items: list[str]) -> tuple[np.ndarray, list[str]]:
+        """The user's training-data history followed by ``items``' known ids; and the unknown items."""
+        ids, unknown = self._known_ids(items)
+        base = self.histories.get(user_id) if user_id is not None else None
+        return (ids if base is None else np.concatenate([base, ids])), unknown
+
+    def _timed(self, stage: str, start: float) -> float:
+        now = time.perf_counter()
+        if self.on_stage is not None:
+            self.on_stage(stage, now - start)
+        return now
+
     def recommend_batch(self, queries: list[Query]) -> list[Recommendation]:
-        """Rank items for every query with at most one forward pass."""
+        """Rank items for every query with at most one forward pass and one bank search."""
         if not queries:
             return []
         seqs, unknowns, excluded = [], [], []
         for q in queries:
             if q.k < 1:
                 raise ValueError(f"k must be >= 1, got {q.k}")
-            ids, unknown = self._known_ids(q.items)
+            ids, unknown = self.sequence_ids(q.user_id, q.items)
             seqs.append(ids[-self.max_len:])
             unknowns.append(unknown)
             excl, _ = self._known_ids(q.exclude_items)
@@ -128,13 +187,18 @@ class Engine:
 
         scores = self.popularity.expand(len(queries), -1).clone()  # (B, n_items); cold rows keep these
         warm = [i for i, s in enumerate(seqs) if len(s)]
+        extras: dict[int, dict] = {}
         if warm:
             width = max(len(seqs[i]) for i in warm)
             batch = torch.zeros(len(warm), width, dtype=torch.int64)  # (B', L), left-aligned
             for row, i in enumerate(warm):
                 batch[row, : len(seqs[i])] = torch.from_numpy(seqs[i])
             with torch.inference_mode():
-                logits = self.model.scores(self.model(batch.to(self.device)))  # (B', n_items)
+                start = time.perf_counter()
+                h = self.model(batch.to(self.device))  # (B', D)
+                logits = self.model.scores(h)  # (B', n_items)
+                self._timed("model", start)
+                extras = self._retrieve(queries, warm, h, logits)
             scores[warm] = logits.float().cpu()
 
         for row, excl in enumerate(excluded):
@@ -148,11 +212,67 @@ class Engine:
             s, c = top_scores[row, : q.k], top_cols[row, : q.k]
             keep = torch.isfinite(s)  # masked items never appear, even when k exceeds what is left
             s, c = s[keep], c[keep]
+            extra = extras.get(row, {})
             out.append(Recommendation(
                 items=self.vocab.decode(c.numpy() + 1), scores=s.tolist(),
                 fallback=None if len(seqs[row]) else "popular", unknown_items=unknowns[row],
-                sequence=self.vocab.decode(seqs[row])))
+                sequence=self.vocab.decode(seqs[row]), retrieval_used=bool(extra),
+                index_version=extra.get("index_version", self.index_version),
+                neighbours=extra.get("neighbours"), fusion=extra.get("fusion")))
         return out
+
+    def fuse_with(self, bank: MemoryBank, h: torch.Tensor, *, exclude_user: np.ndarray | None = None,
+                  timed: bool = False) -> tuple[RAOutput, SearchResult]:
+        """Search ``bank`` with the retriever's queries for h (B, D) and fuse: the RA model's output
+        (``scores_fused`` (B, n_items)) and the search result. Needs a retrieval-augmented run.
+        timed: report the "search" and "fusion" stages to ``on_stage``."""
+        from training.fusion import CrossAttentionRetrieval
+        from training.ra_bundle import neighbours_from_result
+
+        if self.ra is None:
+            raise RuntimeError("this run has no retrieval model")
+        start = time.perf_counter()
+        q = self.ra.retriever(h).float().cpu().numpy()  # (B, D) unit queries
+        res = bank.search(q, min(self.ra_k, len(bank)), exclude_user=exclude_user)
+        keys = bank.vectors_of(res.I) if isinstance(self.ra.retrieval, CrossAttentionRetrieval) else None
+        if timed:
+            start = self._timed("search", start)
+        out = self.ra.fuse(h, neighbours_from_result(self.ra, res, keys=keys, device=self.device))
+        if timed:
+            self._timed("fusion", start)
+        return out, res
+
+    def _retrieve(self, queries: list[Query], warm: list[int], h: torch.Tensor, logits: torch.Tensor
+                  ) -> dict[int, dict]:
+        """Replace the ``logits`` rows of queries that want retrieval by the fused scores, in place.
+        Returns per query: the index version that answered and, with explain, the evidence."""
+        serving = self.index.serving if self.index is not None else None
+        rows = [r for r, i in enumerate(warm) if queries[i].use_retrieval]
+        if self.ra is None or serving is None or not rows:
+            return {}
+        hr = h[rows]
+        own = np.array([serving.user_rows.get(queries[warm[r]].user_id or "", -1) for r in rows], dtype=np.int64)
+        out, res = self.fuse_with(serving.bank, hr, exclude_user=own, timed=True)  # other users' entries only
+        logits[rows] = out.scores_fused.to(logits.dtype)
+
+        extras: dict[int, dict] = {}
+        weights = out.retrieved.weights.float().cpu().numpy()  # (R, K)
+        alpha = out.fusion.alpha.float().cpu()  # (R, 1) or (R, D)
+        for j, r in enumerate(rows):
+            extra: dict[str, Any] = {"index_version": serving.version}
+            if queries[warm[r]].explain:
+                found = res.I[j] >= 0
+                extra["neighbours"] = [
+                    {"user_id": serving.user_names[int(u)], "target_item": self.vocab.decode([int(t)])[0],
+                     "position": int(p), "similarity": float(d), "weight": float(w)}
+                    for u, t, p, d, w, f in zip(res.users[j], res.targets[j], res.positions[j], res.D[j],
+                                                weights[j], found, strict=True) if f]
+                a = alpha[j]
+                extra["fusion"] = {"kind": type(self.ra.fusion).__name__, "temperature": self.ra.temperature,
+                                   "alpha_mean": float(a.mean()), "alpha_std": float(a.std(unbiased=False)),
+                                   "alpha_min": float(a.min()), "alpha_max": float(a.max())}
+            extras[warm[r]] = extra
+        return extras
 
 
 class MicroBatcher:

@@ -17,6 +17,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.engine import Engine, MicroBatcher
+from app.index import IndexManager
+from app.jobs import Jobs, RebuildBusy
 from app.middleware import (
     BodyLimitMiddleware,
     InternalErrorMiddleware,
@@ -24,28 +26,69 @@ from app.middleware import (
     ServiceMetrics,
     install_error_handlers,
 )
-from app.routes import events, health, jobs, recommend, users
+from app.routes import evaluate, events, health, index, jobs, recommend, users
 from app.settings import Settings
-from app.store import make_store
+from app.store import Store, StoreUnavailable, make_store
 
 logger = logging.getLogger(__name__)
 
 
+async def open_index(engine: Engine, store: Store, settings: Settings, metrics: ServiceMetrics) -> Jobs | None:
+    """For a retrieval-augmented run: serve the current index version (the store's, else the
+    artifact root's), or build the first one. None for a run without retrieval."""
+    if engine.ra is None:
+        return None
+    manager = IndexManager(engine.ra, settings.index_root, model_version=engine.model_version,
+                           max_len=engine.max_len, store_values=engine.ra_config.get("values", "target") != "target",
+                           min_recall=settings.index_min_recall, keep_versions=settings.index_keep_versions)
+    engine.index = manager
+    jobs = Jobs(engine, manager, store, settings, metrics)
+    try:
+        wanted = await store.get_index_version()
+    except StoreUnavailable:
+        wanted = None
+    wanted = wanted or manager.store.current()
+    if wanted is not None:
+        try:
+            await jobs.load_version(wanted)
+        except Exception as e:
+            logger.error("index %s not served: %s", wanted, e)
+    if manager.serving is None and settings.build_index_on_start:
+        try:
+            job = await jobs.start_rebuild("startup")
+        except (RebuildBusy, StoreUnavailable) as e:
+            logger.warning("no index built at start-up (%s); serving without retrieval until one appears", e)
+        else:
+            while (record := await store.get_job(job["id"])) is not None and record["status"] in ("queued", "running"):
+                await asyncio.sleep(0.1)
+            if record is not None and record["status"] == "failed":
+                logger.error("start-up index build failed: %s", record["error"])
+    jobs.start_loops()
+    return jobs
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the model (in a thread: it reads files and data) and open the store."""
+    """Load the model (in a thread: it reads files and data), open the store, serve the index."""
     settings: Settings = app.state.settings
-    engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device)
+    metrics: ServiceMetrics = app.state.metrics
+    engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device,
+                                     histories=settings.training_histories)
+    engine.on_stage = metrics.observe_stage
     store_kw: dict[str, Any] = ({"prefix": settings.redis_prefix, "timeout_s": settings.redis_timeout_s}
                                 if settings.redis_url else {})
     store = make_store(settings.redis_url, **store_kw)
     batcher = MicroBatcher(engine, wait_ms=settings.batch_wait_ms, max_size=settings.batch_max_size,
-                           on_batch=app.state.metrics.observe_batch)
+                           on_batch=metrics.observe_batch)
     batcher.start()
     app.state.engine, app.state.store, app.state.batcher = engine, store, batcher
+    app.state.jobs = None
     try:
+        app.state.jobs = await open_index(engine, store, settings, metrics)
         yield
     finally:
+        if app.state.jobs is not None:
+            await app.state.jobs.stop()
         await batcher.stop()
         await store.close()
 
@@ -54,7 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="ragrec", version="1", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
-    for module in (recommend, events, users, jobs, health):
+    for module in (recommend, events, users, index, evaluate, jobs, health):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(InternalErrorMiddleware)  # added first: innermost, next to the routes

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from app.store import StoreUnavailable
 
@@ -37,9 +37,37 @@ class ServiceMetrics:
                                    registry=self.registry,
                                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 
+        self.stage = Histogram("ragrec_recommend_stage_seconds", "Recommendation time per stage and micro-batch",
+                               ["stage"], registry=self.registry,
+                               buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
+        self.cache = Counter("ragrec_result_cache", "Result cache lookups", ["outcome"], registry=self.registry)
+        self.index_size = Gauge("ragrec_index_entries", "Live entries of the served memory bank",
+                                registry=self.registry)
+        self.index_version = Gauge("ragrec_index_version", "Served index version number (v000012 -> 12)",
+                                   registry=self.registry)
+        self.index_swaps = Counter("ragrec_index_swaps", "Index versions swapped in", registry=self.registry)
+        self.index_load_failures = Counter("ragrec_index_load_failures", "Index versions refused at load",
+                                           registry=self.registry)
+        self.rebuild_seconds = Histogram("ragrec_index_rebuild_seconds", "Duration of successful rebuilds",
+                                         registry=self.registry, buckets=(1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000))
+        self.rebuild_failures = Counter("ragrec_index_rebuild_failures", "Failed rebuilds", registry=self.registry)
+        self.live_entries = Counter("ragrec_index_live_entries_added", "Bank entries added from events",
+                                    registry=self.registry)
+
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage.labels(stage).observe(seconds)
+
+    def index_swapped(self, serving: Any) -> None:
+        """After a swap: size and version gauges from the ServingIndex now served."""
+        if serving is None:
+            return
+        self.index_swaps.inc()
+        self.index_size.set(len(serving.bank))
+        self.index_version.set(int(serving.version.lstrip("v") or 0))
 
 
 def _json_response(status: int, detail: str) -> tuple[dict[str, Any], bytes]:

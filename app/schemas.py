@@ -39,10 +39,31 @@ class ScoredItem(BaseModel):
     score: float
 
 
+class Neighbour(BaseModel):
+    """One retrieved memory-bank entry: another user's prefix and the item that followed it."""
+
+    user_id: str  # whose sequence it is
+    target_item: str  # the item that came next in it
+    position: int  # where that item sits in the user's sequence (0-based)
+    similarity: float  # cosine of the query to the entry's key
+    weight: float  # its retrieval attention weight (the weights sum to 1)
+
+
+class FusionSummary(BaseModel):
+    """How much the retrieved knowledge moved the representation: alpha (or the gate) over dims."""
+
+    kind: str
+    temperature: float  # retrieval softmax temperature
+    alpha_mean: float
+    alpha_std: float
+    alpha_min: float
+    alpha_max: float
+
+
 class Explanation(BaseModel):
     sequence: list[str]  # the known items the model read, oldest first
-    neighbours: list[str] = Field(default_factory=list)  # retrieved neighbours (empty until retrieval is served)
-    alpha: float | None = None  # fusion weight of the retrieval branch
+    neighbours: list[Neighbour] = Field(default_factory=list)  # empty when retrieval was not used
+    fusion: FusionSummary | None = None
 
 
 class RecommendResponse(BaseModel):
@@ -102,3 +123,57 @@ class Readiness(BaseModel):
     status: Literal["ready", "degraded"]
     checks: dict[str, bool]
     detail: str | None = None
+
+
+# ------------------------------------------------------------------------------------------ index
+
+
+class IndexInfo(BaseModel):
+    retrieval: bool  # the served run has a retrieval model
+    version: str | None  # None: no bank served (yet)
+    size: int | None = None  # live entries, events added since the build included
+    type: str | None = None  # faiss index kind: flat, ivf_flat, ivf_pq, hnsw
+    device: str | None = None  # cpu or cuda:N
+    built_at: str | None = None
+    model_version: str | None = None  # the model whose retriever made the keys
+    live_added: int = 0  # entries added from events since start-up
+    versions: list[str] = Field(default_factory=list)  # on disk, oldest first
+    watch_error: str | None = None  # why the store's current version is not served here, if it is not
+
+
+class LoadIndexRequest(_In):
+    version: Annotated[str, StringConstraints(pattern=r"^v\d{6,}$")]  # e.g. "v000003"
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str
+    url: str  # where to follow it
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+class EvalSequence(_In):
+    items: list[Id] = Field(min_length=1, max_length=MAX_ITEMS)  # raw item ids, oldest first
+    target: Id  # the item that came next
+    user_id: Id | None = None  # the user's own bank entries are then not retrieved
+
+
+class EvaluateRequest(_In):
+    # "valid"/"test": the served run's held-out split (leave-one-out), with a leakage-safe bank
+    # (training examples; plus validation examples for test). Or give `sequences` instead.
+    split: Literal["valid", "test"] | None = "test"
+    sequences: list[EvalSequence] | None = Field(None, min_length=1)
+    ks: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [5, 10, 20], min_length=1,
+                                                           max_length=10)
+    bootstrap_resamples: int = Field(2000, ge=100, le=20_000)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluateRequest:
+        if self.sequences is not None:
+            self.split = None
+        elif self.split is None:
+            raise ValueError("give a split or sequences")
+        return self

@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None  # None: the in-process store (one replica only)
     redis_prefix: str = "ragrec"  # every Redis key starts with this; lets services share a Redis
     redis_timeout_s: float = Field(0.5, gt=0)  # a dead Redis must fail fast (the API answers 503)
-    api_key: str | None = None  # required by admin endpoints (none exist yet); None disables them
+    api_key: str | None = None  # required by admin endpoints (rebuild, rollback, evaluate, jobs); None disables them
     max_batch: int = Field(64, ge=1)  # requests per POST /v1/recommend/batch
     max_events: int = Field(1000, ge=1)  # events per POST /v1/events
     max_body_bytes: int = Field(1 << 20, ge=1)  # larger request bodies get 413
@@ -26,3 +26,17 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0)  # micro-batcher: longest wait for company after a request
     batch_max_size: int = Field(64, ge=1)  # micro-batcher: most requests in one forward pass
     device: str = "cpu"  # torch device for inference
+    training_histories: bool = True  # requests by user_id start from the user's history in the run's data
+    # Retrieval (runs with ra.pt): the memory bank's versions live here; None: <run_dir>/index
+    index_dir: Path | None = None
+    build_index_on_start: bool = True  # no version yet: build one at start-up (under the rebuild lock)
+    rebuild_interval_s: float = Field(0.0, ge=0)  # scheduled rebuilds every n seconds; 0: on demand only
+    index_poll_s: float = Field(2.0, gt=0)  # how often a replica checks the shared current index version
+    rebuild_lock_ttl_s: float = Field(120.0, gt=0)  # the rebuild lock expires if its holder dies
+    index_min_recall: float = Field(0.9, gt=0, le=1)  # a new bank must reach this recall@10 vs exact search
+    index_keep_versions: int = Field(5, ge=1)  # older bank versions are pruned
+    max_eval_sequences: int = Field(10_000, ge=1)  # sequences per POST /v1/evaluate
+
+    @property
+    def index_root(self) -> Path:
+        return self.index_dir if self.index_dir is not None else self.run_dir / "index"

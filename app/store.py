@@ -56,7 +56,7 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def _by_user(events: Sequence[Event]) -> dict[str, list[Event]]:
+def group_by_user(events: Sequence[Event]) -> dict[str, list[Event]]:
     groups: dict[str, list[Event]] = defaultdict(list)
     for e in events:
         groups[e.user_id].append(e)
@@ -74,6 +74,10 @@ class Store(ABC):
     @abstractmethod
     async def history(self, user_id: str) -> list[tuple[str, float]]:
         """(item_id, timestamp) pairs, oldest first; [] for an unknown user."""
+
+    @abstractmethod
+    async def users(self) -> list[str]:
+        """Every user with a stored history (for index rebuilds), in no particular order."""
 
     @abstractmethod
     async def cache_get(self, key: str, index_version: str) -> bytes | None: ...
@@ -141,7 +145,7 @@ class MemoryStore(Store):
     async def append_events(self, events: Sequence[Event], max_len: int) -> AppendResult:
         _check_positive("max_len", max_len)
         accepted = duplicates = 0
-        for user_id, user_events in _by_user(events).items():
+        for user_id, user_events in group_by_user(events).items():
             hist = self._histories.setdefault(user_id, [])
             seen = self._seen.setdefault(user_id, set())
             for e in user_events:
@@ -161,6 +165,9 @@ class MemoryStore(Store):
 
     async def history(self, user_id: str) -> list[tuple[str, float]]:
         return [(item, ts) for ts, _, item in self._histories.get(user_id, [])]
+
+    async def users(self) -> list[str]:
+        return [user for user, hist in self._histories.items() if hist]
 
     async def cache_get(self, key: str, index_version: str) -> bytes | None:
         entry = self._cache.get((index_version, key))
@@ -351,7 +358,7 @@ class RedisStore(Store):
 
     async def append_events(self, events: Sequence[Event], max_len: int) -> AppendResult:
         _check_positive("max_len", max_len)
-        groups = _by_user(events)
+        groups = group_by_user(events)
         if not groups:
             return AppendResult(0, 0)
         with self._guard("append_events"):
@@ -372,6 +379,13 @@ class RedisStore(Store):
             ts, item = member.decode()[17:].split(":", 1)
             out.append((item, float(ts)))
         return out
+
+    async def users(self) -> list[str]:
+        pattern = self._key("hist", "*")
+        skip = len(self._key("hist", "{"))
+        with self._guard("users"):
+            keys = [key async for key in self._redis.scan_iter(match=pattern, count=1000)]
+        return [key.decode()[skip:-1] for key in keys]  # "<prefix>:hist:{<user>}" -> user
 
     def _cache_key(self, key: str, index_version: str) -> str:
         # the length prefix keeps ("a:b", "c") and ("a", "b:c") apart

@@ -213,6 +213,16 @@ class MemoryBank:
             raise UnknownEntries(f"{int(bad.sum())} id(s) not in the bank (first: {int(ids[bad][0])})")
         return rows
 
+    def vectors_of(self, I: np.ndarray) -> np.ndarray:
+        """Stored unit vectors for an array of entry ids (any shape; -1 gives zeros): (*I.shape, dim)."""
+        I = np.asarray(I, dtype=np.int64)
+        out = np.zeros((*I.shape, self.dim), dtype=np.float32)
+        found = I >= 0
+        with self._lock.read():
+            if found.any():
+                out[found] = self._col("vectors")[self.rows_of(I[found])]
+        return out
+
     # ----- search -----------------------------------------------------------------------------
     def search(self, queries, k: int, *, exclude_ids=None, exclude_user=None, exclude_from_position=None,
                quality_threshold: float | None = None, mmr_lambda: float | None = None,

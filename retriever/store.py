@@ -3,7 +3,8 @@
 Layout::
 
     <root>/v000001/   index.faiss, vectors.npy, ids.npy, alive.npy, targets.npy,
-                      users.npy, positions.npy, quality.npy, [values.npy], manifest.json
+                      users.npy, positions.npy, quality.npy, [values.npy], [att.<name>.npy],
+                      manifest.json
     <root>/CURRENT    the current version's name
 
 A version is written into ``<root>/.tmp-*`` and renamed into place, so a
@@ -136,11 +137,18 @@ class ArtifactStore:
 
     # ----- save -------------------------------------------------------------------------------
     def save(self, bank: MemoryBank, *, producer_checksum: str | None = None,
-             extra_meta: dict | None = None, make_current: bool = True) -> str:
+             extra_meta: dict | None = None, make_current: bool = True,
+             attachments: dict[str, np.ndarray] | None = None) -> str:
         """Write ``bank`` as a new version and return its name (also set as ``bank.version``).
 
+        attachments: further arrays versioned and checksummed with the bank (e.g. the raw user
+        ids its ``users`` column indexes), read back with ``load_attachment``; no object dtypes.
         A failure leaves no version directory behind and ``CURRENT`` untouched.
         """
+        attachments = attachments or {}
+        for name, arr in attachments.items():
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name) or np.asarray(arr).dtype == object:
+                raise InvalidParameter(f"attachment {name!r}: need a [A-Za-z0-9_] name and a non-object array")
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             with bank.read_locked() as cols:
@@ -148,6 +156,9 @@ class ArtifactStore:
                 for name, col in cols.items():
                     files[f"{name}.npy"] = np.ascontiguousarray(col)
                     np.save(tmp / f"{name}.npy", files[f"{name}.npy"], allow_pickle=False)
+                for name, arr in attachments.items():
+                    files[f"att.{name}.npy"] = np.ascontiguousarray(arr)
+                    np.save(tmp / f"att.{name}.npy", files[f"att.{name}.npy"], allow_pickle=False)
                 faiss.write_index(ix.to_cpu_index(bank.index), str(tmp / _INDEX_FILE))
                 rows, live = cols["ids"].shape[0], len(bank)
             checksums = {}
@@ -166,6 +177,7 @@ class ArtifactStore:
                 "index": {"kind": bank.index.kind, "params": bank.index.params, "saved_from": bank.device},
                 "spec": dataclasses.asdict(bank.spec),
                 "files": checksums,
+                "attachments": sorted(attachments),
                 "extra": extra_meta or {},
             }
             version = self._claim(tmp, manifest)
@@ -280,6 +292,17 @@ class ArtifactStore:
             raise ArtifactCorrupted(f"{version}: parts do not fit together ({exc})") from None
         logger.info("loaded %s: %d entries, %s index on %s", version, len(bank), built.kind, built.device)
         return bank
+
+    def load_attachment(self, version: str, name: str) -> np.ndarray:
+        """An array saved with ``save(attachments=...)``, checked against its manifest sha256."""
+        manifest = self.manifest(version)
+        entry = manifest["files"].get(f"att.{name}.npy")
+        if entry is None:
+            raise UnknownVersion(f"{version} has no attachment {name!r}; it has {manifest.get('attachments', [])}")
+        file = self._path(version) / f"att.{name}.npy"
+        if not file.is_file() or _sha256(file) != entry["sha256"]:
+            raise ArtifactCorrupted(f"{version}: attachment {name} is missing or fails its sha256 check")
+        return np.load(file, allow_pickle=False)
 
     # ----- prune ------------------------------------------------------------------------------
     def prune(self, keep: int) -> list[str]:

@@ -10,7 +10,7 @@ import logging
 
 from fastapi import APIRouter, HTTPException
 
-from app.deps import BatcherDep, EngineDep, SettingsDep, StoreDep
+from app.deps import BatcherDep, EngineDep, MetricsDep, SettingsDep, StoreDep
 from app.engine import Engine, Query, Recommendation
 from app.schemas import (
     BatchRecommendRequest,
@@ -27,29 +27,33 @@ router = APIRouter(prefix="/v1/recommend", tags=["recommend"])
 
 
 async def _query(req: RecommendRequest, store: Store) -> Query:
-    """The request as an engine query; with a user_id, the stored history comes first.
-    Raises StoreUnavailable (-> 503) when the history cannot be read."""
+    """The request as an engine query; with a user_id, the user's training-data history (added by
+    the engine) and stored events come first. Raises StoreUnavailable (-> 503) when the events
+    cannot be read."""
     items = list(req.items)
     if req.user_id is not None:
         items = [item for item, _ in await store.history(req.user_id)] + items
-    return Query(items=items, k=req.k, exclude_seen=req.exclude_seen, exclude_items=list(req.exclude_items))
+    return Query(items=items, k=req.k, exclude_seen=req.exclude_seen, exclude_items=list(req.exclude_items),
+                 user_id=req.user_id, use_retrieval=req.use_retrieval, explain=req.explain)
 
 
 def _response(req: RecommendRequest, rec: Recommendation, engine: Engine) -> RecommendResponse:
     return RecommendResponse(
         items=[ScoredItem(item_id=i, score=s) for i, s in zip(rec.items, rec.scores, strict=True)],
         model_version=engine.model_version,
-        index_version=engine.index_version,
-        retrieval_used=False,  # the retrieval-augmented bundle is not served yet
+        index_version=rec.index_version,
+        retrieval_used=rec.retrieval_used,
         fallback=rec.fallback,  # type: ignore[arg-type]
         unknown_items=rec.unknown_items,
-        explanation=Explanation(sequence=rec.sequence) if req.explain else None,
+        explanation=Explanation(sequence=rec.sequence, neighbours=rec.neighbours or [],  # type: ignore[arg-type]
+                                fusion=rec.fusion) if req.explain else None,  # type: ignore[arg-type]
     )
 
 
 def _cache_key(q: Query) -> str:
     """Everything the answer depends on besides the model and index, which key the cache's version."""
-    raw = json.dumps([q.items, q.k, q.exclude_seen, sorted(set(q.exclude_items))])
+    raw = json.dumps([q.items, q.k, q.exclude_seen, sorted(set(q.exclude_items)), q.user_id, q.use_retrieval,
+                      q.explain])
     return "rec:" + hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -72,12 +76,13 @@ async def _cache(store: Store, key: str, version: str, rec: Recommendation, ttl_
 
 @router.post("", response_model=RecommendResponse)
 async def recommend(req: RecommendRequest, engine: EngineDep, batcher: BatcherDep, store: StoreDep,
-                    settings: SettingsDep) -> RecommendResponse:
+                    settings: SettingsDep, metrics: MetricsDep) -> RecommendResponse:
     """Ranked items for a user's stored history and/or the given items (appended after the history).
     503 when a user_id is given and the history store is down."""
     query = await _query(req, store)
     key, version = _cache_key(query), engine.cache_version
     rec = await _cached(store, key, version)
+    metrics.cache.labels("hit" if rec is not None else "miss").inc()
     if rec is None:
         rec = await batcher.recommend(query)
         await _cache(store, key, version, rec, settings.cache_ttl_s)

@@ -68,6 +68,13 @@ def test_unknown_user_has_empty_history(store: Store, run: Run) -> None:
     assert run(store.history("nobody")) == []
 
 
+def test_users_lists_everyone_with_a_history(store: Store, run: Run) -> None:
+    assert run(store.users()) == []
+    names = ["u1", "user:{odd}/é", "42"]
+    run(store.append_events([ev(n, "a", 1) for n in names] + [ev("u1", "b", 2)], max_len=10))
+    assert sorted(run(store.users())) == sorted(names)
+
+
 def test_history_capped_to_newest(store: Store, run: Run) -> None:
     run(store.append_events([ev("u", f"i{t}", t) for t in range(6)], max_len=4))
     assert [item for item, _ in run(store.history("u"))] == ["i2", "i3", "i4", "i5"]

@@ -1,0 +1,196 @@
+"""The service's memory bank: built from users' sequences with the served RA model, published as
+versioned artifacts, loaded and swapped under live traffic, and grown by events between rebuilds.
+
+An entry is one (prefix, next item) pair of one user: key = the retriever's vector for the
+prefix, payload target = the next item, user = an index into the version's user names (saved
+with it as an attachment), position = where the target sits in that user's sequence.
+
+Threads: searches read ``serving`` once and keep that ``ServingIndex`` to the end; ``swap``
+replaces it in one assignment; ``add_live`` mutates the serving bank under ``_names_lock`` (the
+bank has its own read/write lock). Rebuilds run in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retriever import ArtifactStore, MemoryBank, validate_bank
+from retriever.errors import RetrieverError, UnknownVersion
+
+if TYPE_CHECKING:
+    from training.ra_model import RAModel
+
+logger = logging.getLogger(__name__)
+
+MIN_PREFIX = 1  # an entry needs at least one item before its target
+
+
+@dataclass
+class ServingIndex:
+    """One loaded bank version and what the service needs beside it."""
+
+    bank: MemoryBank
+    version: str
+    user_names: list[str]  # bank payload user u is user_names[u]; live adds append
+    built_at: str
+    model_version: str | None
+    user_rows: dict[str, int] = field(init=False)
+    live_events: set[tuple[str, str, float]] = field(init=False, default_factory=set)  # (user, item, ts) added
+
+    def __post_init__(self) -> None:
+        self.user_rows = {name: i for i, name in enumerate(self.user_names)}
+
+    def info(self) -> dict[str, Any]:
+        return {"version": self.version, "size": len(self.bank), "type": self.bank.index.kind,
+                "device": self.bank.device, "built_at": self.built_at, "model_version": self.model_version}
+
+
+def examples(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every (row, position) whose target has at least MIN_PREFIX items before it: two (M,) int64."""
+    counts = np.maximum(np.array([len(s) for s in sequences], dtype=np.int64) - MIN_PREFIX, 0)
+    rows = np.repeat(np.arange(len(sequences), dtype=np.int64), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)  # each row's first example
+    return rows, np.arange(len(rows), dtype=np.int64) - first + MIN_PREFIX
+
+
+def build_bank(model: RAModel, sequences: list[np.ndarray], rows: np.ndarray, positions: np.ndarray, *,
+               max_len: int, store_values: bool, users: np.ndarray | None = None,
+               batch_size: int = 512) -> MemoryBank:
+    """A bank of the (row, position) examples of ``sequences`` (id arrays), keyed by ``model``'s
+    retriever. store_values: keep each prefix's h (models whose knowledge vector reads neighbours'
+    sequence representations). users: (M,) payload user per example (default: the row)."""
+    from training.data import pad_prefixes
+    from training.ra_bundle import encode_sequences
+
+    if len(rows) == 0:
+        raise RetrieverError("no sequence has two known items: nothing to put in the memory bank")
+    prefixes = pad_prefixes(sequences, rows, positions, max_len)[0]
+    h, keys = encode_sequences(model, prefixes, batch_size=batch_size)
+    targets = np.array([sequences[r][t] for r, t in zip(rows, positions, strict=True)], dtype=np.int64)
+    return MemoryBank(keys, targets, rows if users is None else users, positions,
+                      values=h if store_values else None)
+
+
+class IndexManager:
+    """Builds, publishes, loads and serves bank versions under ``root`` (an ``ArtifactStore``)."""
+
+    def __init__(self, model: RAModel, root: str | Path, *, model_version: str, max_len: int,
+                 store_values: bool, min_recall: float = 0.9, keep_versions: int = 5) -> None:
+        self.model = model
+        self.store_values = store_values
+        self.store = ArtifactStore(root)
+        self.model_version = model_version
+        self.max_len = max_len
+        self.min_recall = min_recall
+        self.keep_versions = keep_versions
+        self.serving: ServingIndex | None = None
+        self._names_lock = threading.Lock()
+        self._publish_lock = threading.Lock()  # one build/publish in this process at a time
+        self.live_added = 0
+
+    # ------------------------------------------------------------------ build and publish
+
+    def build(self, histories: dict[str, np.ndarray]) -> tuple[MemoryBank, list[str]]:
+        """A new bank of every prefix of every user's sequence (known item ids, oldest first)."""
+        names = sorted(histories)
+        sequences = [histories[n] for n in names]
+        rows, positions = examples(sequences)
+        bank = build_bank(self.model, sequences, rows, positions, max_len=self.max_len,
+                          store_values=self.store_values)
+        return bank, names
+
+    def publish(self, bank: MemoryBank, user_names: list[str], *, note: str = "") -> dict[str, Any]:
+        """Validate ``bank``, save it as a new version, point ``current`` at it and serve it.
+
+        Raises ``ValidationFailed`` (nothing saved, nothing swapped) for a bank that fails validation.
+        """
+        with self._publish_lock:
+            start = time.perf_counter()
+            report = validate_bank(bank, min_recall=self.min_recall, expected_dim=self.model.encoder.cfg.dim)
+            built_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            version = self.store.save(
+                bank, producer_checksum=self.model_version, make_current=True,
+                attachments={"user_names": np.asarray(user_names, dtype=np.str_)},
+                extra_meta={"built_at": built_at, "model_version": self.model_version, "note": note})
+            self.serving = ServingIndex(bank, version, list(user_names), built_at, self.model_version)
+            self.store.prune(self.keep_versions)
+            logger.info("published index %s: %d entries in %.1f s", version, len(bank), time.perf_counter() - start)
+            return {"version": version, "size": len(bank), "validation": report}
+
+    # ------------------------------------------------------------------ load and swap
+
+    def load(self, version: str | None = None) -> ServingIndex:
+        """Verify, load and validate ``version`` (default: the store's current), then serve it.
+
+        A corrupted artifact, one made by another model, or one failing validation raises a
+        ``RetrieverError`` and leaves the serving index as it was.
+        """
+        version = version or self.store.current()
+        if version is None:
+            raise RetrieverError(f"no index version in {self.store.root} yet; build one first")
+        bank = self.store.load(version, expect_producer=self.model_version)
+        validate_bank(bank, min_recall=self.min_recall, expected_dim=self.model.encoder.cfg.dim)
+        names = [str(n) for n in self.store.load_attachment(version, "user_names")]
+        meta = self.store.manifest(version).get("extra", {})
+        serving = ServingIndex(bank, version, names, meta.get("built_at", "?"), meta.get("model_version"))
+        self.serving = serving
+        logger.info("serving index %s (%d entries)", version, len(bank))
+        return serving
+
+    def switch(self, version: str) -> ServingIndex:
+        """Serve ``version`` and make it the artifact root's current one (only once it loaded)."""
+        serving = self.load(version)
+        self.store.set_current(version)
+        return serving
+
+    def rollback(self) -> ServingIndex:
+        """Serve the version before the current one and make it current; refused (nothing changes)
+        when there is none or it fails to load."""
+        current = self.store.current()
+        older = [v for v in self.store.versions() if current is None or int(v[1:]) < int(current[1:])]
+        if not older:
+            raise UnknownVersion(f"no version older than {current} in {self.store.root} to roll back to")
+        return self.switch(older[-1])
+
+    # ------------------------------------------------------------------ live entries
+
+    def add_live(self, user: str, sequence: np.ndarray, positions: np.ndarray, events: list[tuple[str, float]]
+                 ) -> int:
+        """Add the user's (prefix, target) entries at ``positions`` of ``sequence`` (known ids) to the
+        serving bank; searchable when this returns, kept until the next rebuild replaces the bank.
+        events: the (item, timestamp) of each position; one already added to this bank is skipped,
+        so a re-posted event is not banked twice. Returns how many entries were added."""
+        serving = self.serving
+        if serving is None:
+            return 0
+        with self._names_lock:
+            fresh = [i for i, (p, e) in enumerate(zip(positions, events, strict=True))
+                     if p >= MIN_PREFIX and (user, *e) not in serving.live_events]
+            serving.live_events.update((user, *events[i]) for i in fresh)
+        positions = positions[fresh]
+        if len(positions) == 0:
+            return 0
+        with self._names_lock:
+            row = serving.user_rows.get(user)
+            if row is None:
+                row = len(serving.user_names)
+                serving.user_names.append(user)
+                serving.user_rows[user] = row
+        from training.data import pad_prefixes
+        from training.ra_bundle import encode_sequences
+
+        prefixes = pad_prefixes([sequence], np.zeros(len(positions), dtype=np.int64), positions, self.max_len)[0]
+        h, keys = encode_sequences(self.model, prefixes)
+        values = h if serving.bank.has_values else None
+        serving.bank.add(keys, sequence[positions], np.full(len(positions), row, dtype=np.int64), positions,
+                         values=values)
+        self.live_added += len(positions)
+        return len(positions)

@@ -1,0 +1,224 @@
+"""Background work of one replica: index rebuilds (on demand and scheduled), the version watcher
+that makes every replica serve the current index, and evaluation jobs.
+
+Heavy work (encoding, index training, evaluation) runs in worker threads, so the event loop keeps
+answering requests. Only one rebuild runs at a time across replicas: the store's ``rebuild``
+lock (a Redis key with expiry when shared), extended while the build runs. A rebuild publishes a
+new artifact version under the shared index root and then sets the store's index version; the
+watchers of the other replicas see it within ``index_poll_s`` and swap it in without a restart.
+Job records (``GET /v1/jobs/{id}``) say what happened, including why a rebuild or swap failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from app.engine import Engine
+    from app.index import IndexManager
+    from app.middleware import ServiceMetrics
+    from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+LOCK = "rebuild"
+
+
+class RebuildBusy(RuntimeError):
+    """Another rebuild holds the lock (in this replica or another)."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+async def gather_histories(engine: Engine, store: Store) -> dict[str, np.ndarray]:
+    """Every user's sequence as the model reads it: training-data history, then stored events.
+    Unknown items are dropped; users with no known item are left out."""
+    histories = dict(engine.histories)
+    for user in await store.users():
+        items = [item for item, _ in await store.history(user)]
+        ids, _ = engine.sequence_ids(user, items)
+        histories[user] = ids
+    return {u: s for u, s in histories.items() if len(s)}
+
+
+class Jobs:
+    """Rebuild/evaluate jobs and the periodic loops of one replica."""
+
+    def __init__(self, engine: Engine, manager: IndexManager, store: Store, settings: Settings,
+                 metrics: ServiceMetrics) -> None:
+        self.engine, self.manager, self.store = engine, manager, store
+        self.settings, self.metrics = settings, metrics
+        self._tasks: set[asyncio.Task] = set()
+        self._refused: set[str] = set()  # versions that failed to load here; not retried
+        self.last_watch_error: str | None = None
+
+    # ------------------------------------------------------------------ job records
+
+    async def _record(self, job: dict[str, Any], **changes: Any) -> None:
+        job.update(changes)
+        try:
+            await self.store.put_job(job["id"], job)
+        except StoreUnavailable as e:  # the job still runs; its record catches up on the next write
+            logger.warning("job %s: record not saved (%s)", job["id"], e)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start_job(self, kind: str, params: dict[str, Any], work: Callable[[dict], Awaitable[dict]]) -> dict:
+        """Create a queued job record, run ``work(job)`` in the background, return the record."""
+        job = {"id": uuid.uuid4().hex, "kind": kind, "status": "queued", "params": params, "created_at": _now(),
+               "started_at": None, "finished_at": None, "result": None, "error": None}
+        await self.store.put_job(job["id"], job)  # StoreUnavailable -> 503: no job without a record
+        self._spawn(self._run(job, work), f"job-{kind}-{job['id'][:8]}")
+        return job
+
+    async def _run(self, job: dict, work: Callable[[dict], Awaitable[dict]]) -> None:
+        await self._record(job, status="running", started_at=_now())
+        try:
+            result = await work(job)
+        except Exception as e:
+            logger.exception("job %s (%s) failed", job["id"], job["kind"])
+            await self._record(job, status="failed", finished_at=_now(), error=f"{type(e).__name__}: {e}")
+        else:
+            await self._record(job, status="succeeded", finished_at=_now(), result=result)
+
+    # ------------------------------------------------------------------ rebuilds
+
+    async def start_rebuild(self, trigger: str = "on-demand") -> dict:
+        """Take the rebuild lock, then start a rebuild job. RebuildBusy if another one holds it."""
+        owner = uuid.uuid4().hex
+        if not await self.store.acquire_lock(LOCK, owner, self.settings.rebuild_lock_ttl_s):
+            raise RebuildBusy("another index rebuild is running; retry when it has finished (GET /v1/jobs)")
+        try:
+            return await self.start_job("rebuild", {"trigger": trigger}, lambda job: self._rebuild(owner))
+        except BaseException:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release_lock(LOCK, owner)
+            raise
+
+    async def _rebuild(self, owner: str) -> dict:
+        """Encode every stored sequence with the served model, build, validate, publish, switch."""
+        keeper = self._spawn(self._keep_lock(owner), "rebuild-lock")
+        start = time.perf_counter()
+        try:
+            histories = await gather_histories(self.engine, self.store)
+            bank, names = await asyncio.to_thread(self.manager.build, histories)
+            report = await asyncio.to_thread(self.manager.publish, bank, names)
+            await self.store.set_index_version(report["version"])
+        except Exception:
+            self.metrics.rebuild_failures.inc()
+            raise
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release_lock(LOCK, owner)
+        seconds = time.perf_counter() - start
+        self.metrics.rebuild_seconds.observe(seconds)
+        self.metrics.index_swapped(self.manager.serving)
+        return {**report, "users": len(histories), "seconds": round(seconds, 3)}
+
+    async def _keep_lock(self, owner: str) -> None:
+        ttl = self.settings.rebuild_lock_ttl_s
+        while True:
+            await asyncio.sleep(ttl / 3)
+            with contextlib.suppress(StoreUnavailable):
+                if not await self.store.extend_lock(LOCK, owner, ttl):
+                    logger.warning("the rebuild lock expired while the rebuild ran")
+
+    async def schedule_loop(self) -> None:
+        """Rebuild every ``rebuild_interval_s``; a replica that finds the lock taken skips its turn."""
+        while True:
+            await asyncio.sleep(self.settings.rebuild_interval_s)
+            try:
+                job = await self.start_rebuild("scheduled")
+            except (RebuildBusy, StoreUnavailable) as e:
+                logger.info("scheduled rebuild skipped: %s", e)
+                continue
+            while (record := await self._job_or_none(job["id"])) is not None and record["status"] in (
+                    "queued", "running"):
+                await asyncio.sleep(1.0)
+
+    async def _job_or_none(self, job_id: str) -> dict | None:
+        try:
+            return await self.store.get_job(job_id)
+        except StoreUnavailable:
+            return None
+
+    # ------------------------------------------------------------------ versions
+
+    async def _swap(self, load: Callable[[], Any]) -> dict:
+        try:
+            serving = await asyncio.to_thread(load)
+        except Exception:
+            self.metrics.index_load_failures.inc()
+            raise
+        self.metrics.index_swapped(serving)
+        return serving.info()
+
+    async def load_version(self, version: str | None) -> dict:
+        """Serve ``version`` here (default: the artifact root's current); raises RetrieverError on
+        refusal, leaving the old index serving."""
+        return await self._swap(lambda: self.manager.load(version))
+
+    async def switch(self, version: str) -> dict:
+        """Serve ``version`` and make it current for every replica."""
+        info = await self._swap(lambda: self.manager.switch(version))
+        await self.store.set_index_version(version)
+        return info
+
+    async def rollback(self) -> dict:
+        """Serve the previous version and make it current for every replica."""
+        info = await self._swap(self.manager.rollback)
+        await self.store.set_index_version(info["version"])
+        return info
+
+    async def watch_loop(self) -> None:
+        """Swap in the version the store names whenever it differs from the one served here."""
+        while True:
+            await asyncio.sleep(self.settings.index_poll_s)
+            await self.check_version()
+
+    async def check_version(self) -> None:
+        try:
+            wanted = await self.store.get_index_version()
+        except StoreUnavailable as e:
+            self.last_watch_error = str(e)
+            return
+        serving = self.manager.serving
+        if wanted is None or (serving is not None and serving.version == wanted) or wanted in self._refused:
+            return
+        try:
+            await self.load_version(wanted)
+            self.last_watch_error = None
+        except Exception as e:
+            self._refused.add(wanted)
+            self.last_watch_error = f"refused index {wanted}: {e}"
+            logger.error("%s; still serving %s", self.last_watch_error, self.engine.index_version)
+
+    def start_loops(self) -> None:
+        self._spawn(self.watch_loop(), "index-watch")
+        if self.settings.rebuild_interval_s > 0:
+            self._spawn(self.schedule_loop(), "index-schedule")
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,81 @@
+"""A finished retrieval-augmented run as the service uses it: load ``ra.pt``, encode
+sequences into (h, key) pairs, and turn a memory-bank search result into ``Neighbours``.
+
+Training builds neighbours with gradients through the similarities (``search_neighbours``);
+serving needs none, so the similarities are the ones the index returned.
+
+Shapes: M sequences, B queries, K neighbours, D hidden size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retriever import SearchResult
+from training.fusion import Neighbours
+from training.model import ModelConfig, SequenceEncoder
+from training.ra_model import RAModel
+from training.ra_trainer import RA_FORMAT
+from training.run import RunError
+
+
+def load_ra_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[RAModel, dict[str, Any]]:
+    """Rebuild the RA model saved in ``ra.pt`` (or a run directory holding one), in eval mode,
+    with the schedule (temperature, alpha cap) of its best epoch. Weights-only unpickling."""
+    path = Path(path)
+    file = path / "ra.pt" if path.is_dir() else path
+    try:
+        blob = torch.load(file, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"no retrieval-augmented model at {file}") from None
+    if not isinstance(blob, dict) or blob.get("format") != RA_FORMAT:
+        raise RunError(f"{file} is not a ragrec RA model file (format "
+                       f"{blob.get('format') if isinstance(blob, dict) else '?'})")
+    ra = blob["ra_config"]
+    encoder = SequenceEncoder(ModelConfig(**blob["model_config"]))
+    model = RAModel(encoder, fusion=ra["fusion"], values=ra["values"], temperature=ra["temperature_t0"],
+                    alpha_max=ra["alpha_max"], quality_threshold=ra.get("quality_threshold"),
+                    match_norm=ra.get("match_norm", True))
+    model.load_state_dict(blob["model"], strict=True)
+    model.set_schedule(**blob["schedule"])
+    return model.eval(), blob
+
+
+@torch.no_grad()
+def encode_sequences(model: RAModel, seqs: np.ndarray, *, batch_size: int = 512,
+                     device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(h, keys) for left-aligned, zero-padded sequences (M, L) int64: two (M, D) float32 arrays.
+    keys are the retriever's unit vectors, the bank's search keys."""
+    if seqs.ndim != 2 or len(seqs) == 0:
+        raise ValueError(f"need a non-empty (M, L) array of item ids, got shape {seqs.shape}")
+    hs, keys = [], []
+    for start in range(0, len(seqs), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(seqs[start : start + batch_size])).to(device)
+        h = model.encoder(batch).float()  # (b, D)
+        hs.append(h.cpu())
+        keys.append(model.retriever(h).float().cpu())
+    return torch.cat(hs).numpy(), torch.cat(keys).numpy()
+
+
+def neighbours_from_result(model: RAModel, res: SearchResult, *, keys: np.ndarray | None = None,
+                           device: str | torch.device = "cpu") -> Neighbours:
+    """``Neighbours`` for a search result: similarities as returned (no gradient), the targets'
+    embeddings, banked prefix representations when the bank stores values, and (B, K, D) keys
+    when given (cross-attention retrieval reads them)."""
+    found = torch.from_numpy(res.found).to(device)  # (B, K)
+    targets = torch.from_numpy(np.maximum(res.targets, 0)).to(device)
+    quality = None if res.quality is None else torch.from_numpy(
+        np.nan_to_num(res.quality, nan=-np.inf).astype(np.float32)).to(device)
+    sim = torch.from_numpy(np.nan_to_num(res.D, neginf=0.0).astype(np.float32)).to(device)
+    return Neighbours(
+        sim=sim.masked_fill(~found, 0.0),
+        target_emb=model.encoder.item_emb(targets).float(),  # (B, K, D), tied embeddings
+        seq_repr=None if res.values is None else torch.from_numpy(res.values).float().to(device),
+        keys=None if keys is None else torch.from_numpy(keys).float().to(device),
+        quality=quality,
+        valid=found,
+    )
