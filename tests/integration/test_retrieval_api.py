@@ -1,0 +1,325 @@
+"""The service with a retrieval-augmented run: a tiny DuoRec + RA stage on generated data, served by
+a real uvicorn on loopback. Expected answers are recomputed independently: brute-force cosine
+search over the prefixes encoded with the saved RA model, fused by that model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from app.main import create_app
+from app.store import RedisStore
+from retriever import ArtifactStore
+from tests.integration.test_api import LiveServer, client_for
+from training.config import load_config
+from training.data import Vocabulary, pad_prefixes, read_interactions
+from training.fusion import Neighbours
+from training.ra_bundle import load_ra_model
+from training.ra_trainer import run_ra_training
+from training.synthetic import generate_interactions, write_inter
+from training.trainer import run_training
+
+MAX_LEN = 10
+ADMIN = {"X-API-Key": "admin-key"}
+
+
+@pytest.fixture(scope="module")
+def ra_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ra-api")
+    data = root / "syn.inter"
+    write_inter(generate_interactions(90, 50, mean_length=12, seed=11), data)
+    base = [f"data.path={data}", f"data.max_seq_len={MAX_LEN}", "model.dim=16", "model.inner=32", "model.n_layers=1",
+            "loss.contrastive=none", "train.batch_size=128", "train.device=cpu", "train.seed=3", "train.lr=0.005"]
+    run_training(load_config(None, [*base, "train.epochs=2"]), root / "duorec", progress=False)
+    ra = root / "ra"
+    run_ra_training(load_config(None, [*base, "ra.enabled=true", f"ra.pretrained={root / 'duorec'}", "ra.epochs=1",
+                                       "ra.k=5", "ra.alpha_warmup_epochs=0"]), ra, progress=False)
+    return ra
+
+
+def settings_for(run_dir: Path, index_dir: Path, **kw: Any):
+    from app.settings import Settings
+
+    return Settings(run_dir=run_dir, index_dir=index_dir, api_key="admin-key", index_poll_s=0.1, **kw)
+
+
+@pytest.fixture
+def served(ra_run: Path, tmp_path: Path) -> Iterator[tuple[httpx.Client, Any]]:
+    app = create_app(settings_for(ra_run, tmp_path / "index"))
+    with LiveServer(app) as server, client_for(server) as client:
+        yield client, app
+
+
+class Truth:
+    """Brute-force neighbours and fused rankings from the saved ra.pt and the data file."""
+
+    def __init__(self, run: Path) -> None:
+        self.model, blob = load_ra_model(run)
+        self.k = blob["ra_config"]["k"]
+        self.vocab = Vocabulary.load(run / "items.json")
+        cfg = load_config(run / "config.yaml")
+        inter = read_interactions(cfg.data.path)
+        self.histories: dict[str, list[int]] = {}
+        for user, item in zip(inter.users, inter.items, strict=True):  # file order is time order here
+            self.histories.setdefault(str(user), []).append(self.vocab.lookup(str(item)))
+        names = sorted(self.histories)
+        seqs = [np.asarray(self.histories[n]) for n in names]
+        self.entry_user = np.array([n for n, s in zip(names, seqs, strict=True) for _ in range(1, len(s))])
+        self.entry_target = np.concatenate([s[1:] for s in seqs])
+        rows = np.repeat(np.arange(len(seqs)), [len(s) - 1 for s in seqs])
+        pos = np.concatenate([np.arange(1, len(s)) for s in seqs])
+        prefixes = torch.from_numpy(pad_prefixes(seqs, rows, pos, MAX_LEN)[0])
+        with torch.no_grad():
+            self.keys = self.model.retriever(self.model.encoder(prefixes)).numpy()
+
+    @torch.no_grad()
+    def top(self, ids: list[int], k: int, *, user: str | None, retrieval: bool = True,
+            exclude_seen: bool = True) -> list[str]:
+        seq = torch.tensor([ids[-MAX_LEN:]])
+        h = self.model.encoder(seq)
+        scores = self.model.encoder.scores(h)
+        if retrieval:
+            q = self.model.retriever(h).numpy()[0]
+            sim = self.keys @ q
+            sim[self.entry_user == user] = -np.inf  # a user never retrieves their own entries
+            best = np.argsort(-sim, kind="stable")[: self.k]
+            nb = Neighbours(sim=torch.from_numpy(sim[best][None].astype(np.float32)),
+                            target_emb=self.model.encoder.item_emb(torch.from_numpy(self.entry_target[best][None])),
+                            valid=torch.ones(1, self.k, dtype=torch.bool))
+            scores = self.model.fuse(h, nb).scores_fused
+        if exclude_seen:
+            scores[0, torch.tensor(ids) - 1] = -torch.inf
+        return self.vocab.decode(torch.topk(scores[0], k).indices.numpy() + 1)
+
+
+@pytest.fixture(scope="module")
+def truth(ra_run: Path) -> Truth:
+    return Truth(ra_run)
+
+
+def recommend(client: httpx.Client, **body: Any) -> dict:
+    r = client.post("/v1/recommend", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def ids_of(body: dict) -> list[str]:
+    return [x["item_id"] for x in body["items"]]
+
+
+def wait_job(client: httpx.Client, url: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(url, headers=ADMIN).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------ serving
+
+
+def test_first_start_builds_and_serves_an_index(served: tuple[httpx.Client, Any], truth: Truth) -> None:
+    client, _ = served
+    info = client.get("/v1/index").json()
+    assert info["retrieval"] is True and info["version"] == "v000001" and info["versions"] == ["v000001"]
+    assert info["size"] == len(truth.entry_target) and info["type"] == "flat" and info["device"] == "cpu"
+    assert info["model_version"].startswith("ra@")
+
+
+def test_recommendations_with_and_without_retrieval_match_brute_force(served: tuple[httpx.Client, Any],
+                                                                       truth: Truth) -> None:
+    client, _ = served
+    users = sorted(truth.histories)[:6]
+    for user in users:
+        ids = truth.histories[user]
+        with_r = recommend(client, user_id=user, k=5)
+        assert with_r["retrieval_used"] is True and with_r["index_version"] == "v000001"
+        assert ids_of(with_r) == truth.top(ids, 5, user=user)
+        without = recommend(client, user_id=user, k=5, use_retrieval=False)
+        assert without["retrieval_used"] is False
+        assert ids_of(without) == truth.top(ids, 5, user=user, retrieval=False)
+    items = truth.vocab.decode(truth.histories[users[0]][:4])
+    assert ids_of(recommend(client, items=items, k=5)) == truth.top(truth.histories[users[0]][:4], 5, user=None)
+
+
+def test_explanation_lists_other_users_neighbours(served: tuple[httpx.Client, Any], truth: Truth) -> None:
+    client, _ = served
+    user = sorted(truth.histories)[3]
+    body = recommend(client, user_id=user, k=3, explain=True)
+    nb = body["explanation"]["neighbours"]
+    assert len(nb) == truth.k and user not in {n["user_id"] for n in nb}
+    assert sum(n["weight"] for n in nb) == pytest.approx(1.0, abs=1e-5)
+    sims = [n["similarity"] for n in nb]
+    assert sims == sorted(sims, reverse=True)
+    for n in nb:  # each neighbour is a real entry: that user's item at that position
+        assert truth.vocab.decode([truth.histories[n["user_id"]][n["position"]]])[0] == n["target_item"]
+    fusion = body["explanation"]["fusion"]
+    assert 0.0 <= fusion["alpha_min"] <= fusion["alpha_mean"] <= fusion["alpha_max"] <= 1.0
+    assert recommend(client, user_id=user, k=3, explain=True, use_retrieval=False)["explanation"]["neighbours"] == []
+
+
+def test_events_become_retrievable_entries_at_once(served: tuple[httpx.Client, Any], truth: Truth) -> None:
+    client, _ = served
+    size = client.get("/v1/index").json()["size"]
+    items = truth.vocab.decode(truth.histories[sorted(truth.histories)[0]][:5])
+    user = f"fresh-{uuid.uuid4().hex[:6]}"
+    events = [{"user_id": user, "item_id": it, "timestamp": 100 + i} for i, it in enumerate(items)]
+    assert client.post("/v1/events", json=events).json() == {"accepted": 5, "duplicates": 0}
+    assert client.post("/v1/events", json=events[-1]).json() == {"accepted": 0, "duplicates": 1}
+    info = client.get("/v1/index").json()
+    assert info["size"] == size + 4 and info["live_added"] >= 4  # the first event has no prefix
+    # the same four-item prefix from someone else finds the new user's entry as its best match
+    body = recommend(client, items=items[:4], k=3, explain=True)
+    best = body["explanation"]["neighbours"][0]
+    assert (best["user_id"], best["target_item"], best["position"]) == (user, items[4], 4)
+    assert best["similarity"] == pytest.approx(1.0, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------ index admin
+
+
+def test_rebuild_rollback_and_refused_versions(served: tuple[httpx.Client, Any], tmp_path: Path) -> None:
+    client, app = served
+    assert client.post("/v1/index/rebuild").status_code == 401
+    assert client.post("/v1/index/rollback", headers=ADMIN).status_code == 409  # only one version
+
+    user = f"rebuilt-{uuid.uuid4().hex[:6]}"
+    toks = app.state.engine.vocab.tokens
+    client.post("/v1/events", json=[{"user_id": user, "item_id": toks[i], "timestamp": i} for i in range(3)])
+    accepted = client.post("/v1/index/rebuild", headers=ADMIN)
+    assert accepted.status_code == 202
+    job = wait_job(client, accepted.json()["url"])
+    assert job["status"] == "succeeded" and job["result"]["version"] == "v000002", job
+    info = client.get("/v1/index").json()
+    assert info["version"] == "v000002" and info["versions"] == ["v000001", "v000002"]
+    assert info["size"] == client.get("/v1/index").json()["size"]
+    assert asyncio.run(app.state.store.get_index_version()) == "v000002"
+    served_users = set(app.state.jobs.manager.serving.user_names)
+    assert user in served_users  # the rebuild read the stored events
+
+    rolled = client.post("/v1/index/rollback", headers=ADMIN)
+    assert rolled.status_code == 200 and rolled.json()["version"] == "v000001"
+    assert ArtifactStore(tmp_path / "index").current() == "v000001"
+
+    # a corrupted version is refused with the reason; the old one keeps serving
+    index_file = tmp_path / "index" / "v000002" / "index.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:-7] + b"garbage")
+    refused = client.post("/v1/index/load", json={"version": "v000002"}, headers=ADMIN)
+    assert refused.status_code == 409 and "sha256" in refused.json()["detail"]
+    assert client.get("/v1/index").json()["version"] == "v000001"
+    assert recommend(client, items=toks[:3])["index_version"] == "v000001"
+    # the same refusal when the shared store names it (another replica published it)
+    asyncio.run(app.state.store.set_index_version("v000002"))
+    deadline = time.monotonic() + 10
+    while (info := client.get("/v1/index").json())["watch_error"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "v000002" in info["watch_error"] and info["version"] == "v000001"
+    assert client.post("/v1/index/load", json={"version": "v12"}, headers=ADMIN).status_code == 422
+    assert client.post("/v1/index/load", json={"version": "v000009"}, headers=ADMIN).status_code == 409
+    metrics = app.state.metrics.registry
+    assert metrics.get_sample_value("ragrec_index_load_failures_total") >= 2
+
+
+def test_a_bank_from_another_model_is_refused(served: tuple[httpx.Client, Any], tmp_path: Path) -> None:
+    client, app = served
+    manager = app.state.jobs.manager
+    bank = manager.serving.bank
+    other = ArtifactStore(tmp_path / "index").save(bank, producer_checksum="another-model", make_current=False,
+                                                   attachments={"user_names": np.asarray(["x"] * 1)})
+    r = client.post("/v1/index/load", json={"version": other}, headers=ADMIN)
+    assert r.status_code == 409 and "another-model" in r.json()["detail"]
+    assert client.get("/v1/index").json()["version"] == "v000001"
+
+
+def test_only_one_rebuild_at_a_time(served: tuple[httpx.Client, Any]) -> None:
+    client, app = served
+    assert asyncio.run(app.state.store.acquire_lock("rebuild", "someone-else", 30))
+    r = client.post("/v1/index/rebuild", headers=ADMIN)
+    assert r.status_code == 409 and "another index rebuild is running" in r.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def test_split_evaluation_matches_the_training_run(served: tuple[httpx.Client, Any], ra_run: Path) -> None:
+    client, _ = served
+    assert client.post("/v1/evaluate", json={"split": "test"}).status_code == 401
+    r = client.post("/v1/evaluate", json={"split": "test", "bootstrap_resamples": 500}, headers=ADMIN)
+    assert r.status_code == 202
+    job = wait_job(client, r.json()["url"])
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["source"]["leakage_check"] == "passed" and "validation" in result["source"]["bank"]
+    trained = json.loads((ra_run / "metrics.json").read_text())["test"]
+    for side in ("with_retrieval", "without_retrieval"):
+        for metric in ("NDCG@10", "HR@10", "MRR@20"):
+            assert result[side][metric] == pytest.approx(trained[side][metric], abs=1e-6), (side, metric)
+    boot = result["ndcg10_delta_bootstrap"]
+    assert boot["low"] <= boot["mean"] <= boot["high"]
+    assert boot["mean"] == pytest.approx(result["delta"]["NDCG@10"], abs=1e-9)
+
+
+def test_sequence_evaluation_and_bad_requests(served: tuple[httpx.Client, Any], truth: Truth) -> None:
+    client, _ = served
+    seqs = []
+    for user in sorted(truth.histories)[:20]:
+        items = truth.vocab.decode(truth.histories[user])
+        seqs.append({"items": items[:-1], "target": items[-1], "user_id": user})
+    seqs.append({"items": ["no-such-item"], "target": "nor-this"})
+    r = client.post("/v1/evaluate", json={"sequences": seqs, "ks": [10]}, headers=ADMIN)
+    job = wait_job(client, r.json()["url"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["examples"] == 20 and job["result"]["source"]["skipped"] == 1
+    hits = sum(s["target"] in truth.top(truth.vocab.ids(s["items"]).tolist(), 10, user=s["user_id"],
+                                        exclude_seen=False) for s in seqs[:20])  # the evaluation protocol
+    assert job["result"]["with_retrieval"]["HR@10"] == pytest.approx(hits / 20)
+    for bad in ({"split": "train"}, {"sequences": []}, {"sequences": [{"items": [], "target": "1"}]},
+                {"ks": [0]}, {"split": "test", "bootstrap_resamples": 5}, {"split": "test", "extra": 1}):
+        r = client.post("/v1/evaluate", json=bad, headers=ADMIN)
+        assert r.status_code == 422, (bad, r.text)
+    assert client.get("/v1/evaluate/nope", headers=ADMIN).status_code == 404
+
+
+# ------------------------------------------------------------------------------------ replicas
+
+
+@pytest.mark.redis
+def test_replicas_share_the_lock_and_follow_new_versions(ra_run: Path, tmp_path: Path, redis_server: Any) -> None:
+    kw = {"redis_url": redis_server.url, "redis_prefix": f"replicas-{uuid.uuid4().hex}"}
+    a = create_app(settings_for(ra_run, tmp_path / "index", **kw))
+    b = create_app(settings_for(ra_run, tmp_path / "index", **kw))
+    with LiveServer(a) as sa, LiveServer(b) as sb, client_for(sa) as ca, client_for(sb) as cb:
+        assert ca.get("/v1/index").json()["version"] == cb.get("/v1/index").json()["version"] == "v000001"
+        job = wait_job(ca, ca.post("/v1/index/rebuild", headers=ADMIN).json()["url"])
+        assert job["status"] == "succeeded"
+        assert cb.get(f"/v1/jobs/{job['id']}", headers=ADMIN).json()["status"] == "succeeded"  # shared records
+        deadline = time.monotonic() + 10
+        while cb.get("/v1/index").json()["version"] != "v000002":  # b swaps without a restart
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # the lock was released after the job, and it is shared: while someone holds it, no replica starts one
+        assert asyncio.run(_take_lock(redis_server.url, kw["redis_prefix"]))
+        assert cb.post("/v1/index/rebuild", headers=ADMIN).status_code == 409
+        assert ca.post("/v1/index/rebuild", headers=ADMIN).status_code == 409
+
+
+async def _take_lock(url: str, prefix: str) -> bool:
+    store = RedisStore.from_url(url, prefix=prefix)  # a client of the test's own event loop
+    try:
+        return await store.acquire_lock("rebuild", "the-test", 30)
+    finally:
+        await store.close()
