@@ -146,6 +146,19 @@ def report(
     typer.echo(str(write_report(run, out)))
 
 
+def _finished_run(run: Path | None) -> Path:
+    """--run, else RAGREC_RUN_DIR; RunError unless it holds a finished run."""
+    from training.run import RunError
+
+    run_dir = run or (Path(os.environ["RAGREC_RUN_DIR"]) if os.environ.get("RAGREC_RUN_DIR") else None)
+    if run_dir is None:
+        raise RunError("no run directory: pass --run runs/NAME or set RAGREC_RUN_DIR")
+    for name in ("model.pt", "items.json", "config.yaml"):
+        if not (run_dir / name).is_file():
+            raise RunError(f"{run_dir} is not a finished run: {name} is missing (train it with `ragrec train`)")
+    return run_dir
+
+
 @app.command()
 @friendly
 def serve(
@@ -159,12 +172,7 @@ def serve(
 
     from training.run import RunError
 
-    run_dir = run or (Path(os.environ["RAGREC_RUN_DIR"]) if os.environ.get("RAGREC_RUN_DIR") else None)
-    if run_dir is None:
-        raise RunError("no run directory: pass --run runs/NAME or set RAGREC_RUN_DIR")
-    for name in ("model.pt", "items.json", "config.yaml"):
-        if not (run_dir / name).is_file():
-            raise RunError(f"{run_dir} is not a finished run: {name} is missing (train it with `ragrec train`)")
+    run_dir = _finished_run(run)
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -176,6 +184,26 @@ def serve(
     _setup_logging(False)
     typer.echo(f"serving {run_dir} on http://{host}:{port} (API docs: http://{host}:{port}/docs)", err=True)
     run_server(run_dir, host=host, port=port, workers=workers)
+
+
+@app.command()
+@friendly
+def worker(
+    run: Annotated[Path | None, typer.Option(help="Run directory (or RAGREC_RUN_DIR)")] = None,
+    interval: Annotated[float | None, typer.Option(min=1, help="Seconds between rebuilds (or RAGREC_REBUILD_INTERVAL)")] = None,
+) -> None:
+    """Rebuild the retrieval index on a schedule, off the request path; replicas swap each new
+    version in. Other settings (RAGREC_REDIS_URL, RAGREC_INDEX_DIR, ...) come from the environment."""
+    import asyncio
+
+    from app.settings import Settings
+    from app.worker import run_worker
+
+    overrides: dict[str, Any] = {"run_dir": _finished_run(run)}
+    if interval is not None:
+        overrides["rebuild_interval"] = interval
+    _setup_logging(False)
+    asyncio.run(run_worker(Settings(**overrides)))
 
 
 def main() -> None:

@@ -142,9 +142,9 @@ class Jobs:
                     logger.warning("the rebuild lock expired while the rebuild ran")
 
     async def schedule_loop(self) -> None:
-        """Rebuild every ``rebuild_interval_s``; a replica that finds the lock taken skips its turn."""
+        """Rebuild every ``rebuild_interval``; a replica that finds the lock taken skips its turn."""
         while True:
-            await asyncio.sleep(self.settings.rebuild_interval_s)
+            await asyncio.sleep(self.settings.rebuild_interval)
             try:
                 job = await self.start_rebuild("scheduled")
             except (RebuildBusy, StoreUnavailable) as e:
@@ -213,7 +213,7 @@ class Jobs:
 
     def start_loops(self) -> None:
         self._spawn(self.watch_loop(), "index-watch")
-        if self.settings.rebuild_interval_s > 0:
+        if self.settings.rebuild_interval > 0:
             self._spawn(self.schedule_loop(), "index-schedule")
 
     async def stop(self) -> None:

@@ -33,6 +33,12 @@ from app.store import Store, StoreUnavailable, make_store
 logger = logging.getLogger(__name__)
 
 
+def open_store(settings: Settings) -> Store:
+    kw: dict[str, Any] = ({"prefix": settings.redis_prefix, "timeout_s": settings.redis_timeout_s}
+                          if settings.redis_url else {})
+    return make_store(settings.redis_url, **kw)
+
+
 async def open_index(engine: Engine, store: Store, settings: Settings, metrics: ServiceMetrics) -> Jobs | None:
     """For a retrieval-augmented run: serve the current index version (the store's, else the
     artifact root's), or build the first one. None for a run without retrieval."""
@@ -75,9 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device,
                                      histories=settings.training_histories)
     engine.on_stage = metrics.observe_stage
-    store_kw: dict[str, Any] = ({"prefix": settings.redis_prefix, "timeout_s": settings.redis_timeout_s}
-                                if settings.redis_url else {})
-    store = make_store(settings.redis_url, **store_kw)
+    store = open_store(settings)
     batcher = MicroBatcher(engine, wait_ms=settings.batch_wait_ms, max_size=settings.batch_max_size,
                            on_batch=metrics.observe_batch)
     batcher.start()

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     # Retrieval (runs with ra.pt): the memory bank's versions live here; None: <run_dir>/index
     index_dir: Path | None = None
     build_index_on_start: bool = True  # no version yet: build one at start-up (under the rebuild lock)
-    rebuild_interval_s: float = Field(0.0, ge=0)  # scheduled rebuilds every n seconds; 0: on demand only
+    rebuild_interval: float = Field(0.0, ge=0)  # seconds between scheduled rebuilds; 0: on demand only
     index_poll_s: float = Field(2.0, gt=0)  # how often a replica checks the shared current index version
     rebuild_lock_ttl_s: float = Field(120.0, gt=0)  # the rebuild lock expires if its holder dies
     index_min_recall: float = Field(0.9, gt=0, le=1)  # a new bank must reach this recall@10 vs exact search

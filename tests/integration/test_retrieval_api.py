@@ -323,3 +323,15 @@ async def _take_lock(url: str, prefix: str) -> bool:
         return await store.acquire_lock("rebuild", "the-test", 30)
     finally:
         await store.close()
+
+
+def test_scheduled_rebuilds_publish_new_versions(ra_run: Path, tmp_path: Path) -> None:
+    app = create_app(settings_for(ra_run, tmp_path / "index", rebuild_interval=0.3))
+    with LiveServer(app) as server, client_for(server) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/v1/index").json()["version"] in ("v000001", None):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        triggers = {j["params"]["trigger"] for j in client.get("/v1/jobs", headers=ADMIN).json()}
+        assert {"startup", "scheduled"} <= triggers
+        assert recommend(client, items=app.state.engine.vocab.tokens[:3])["retrieval_used"] is True
