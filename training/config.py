@@ -114,7 +114,30 @@ class RAConfig(_Strict):
     enhanced_weight: float = Field(1.0, ge=0.0)  # weight of CE on the fused representation
     kl_weight: float = Field(0.05, ge=0.0)  # weight of the retrieval KL term (small)
     kl_direction: Literal["forward", "reverse", "js"] = "forward"
-    quality_threshold: float | None = None  # neighbours with quality below it are masked
+    quality_threshold: float | None = None  # neighbours whose bank quality is below it are masked
+    # how r is built: "similarity" = softmax(sim / τ) over the neighbours (values as above);
+    # "cross_attention" = learned query/key projections over the neighbour keys, values = targets
+    retrieval: Literal["similarity", "cross_attention"] = "similarity"
+    entropy_gain: float = Field(0.0, ge=0.0)  # per-query τ·(1 + gain·H), H = normalised retrieval entropy; 0 = off
+    fusion_temperature: float | None = Field(None, gt=0.0)  # gate/attention/adaptive/entropy fusion; None = its default
+    fusion_lr: float | None = Field(None, gt=0.0)  # the fusion's own optimizer group (not scaled by lr_mult); None = lr
+    # KL teacher: "score" = the recommender's score of each neighbour's target, "similarity" =
+    # cosine of its embedding with the true item's, "match" = 1 if it is the true item
+    usefulness: Literal["score", "similarity", "match"] = "score"
+    usefulness_temperature: float = Field(1.0, gt=0.0)  # softmax temperature of the teacher
+    # quality-gated loss: an example whose retrieval quality is below the threshold drops its
+    # enhanced CE and KL terms. Quality = attention-weighted similarity or bank usefulness.
+    loss_gate_threshold: float | None = None
+    loss_gate_by: Literal["similarity", "usefulness"] = "similarity"
+    # bank hygiene: each retrieved entry's quality <- EMA of its usefulness (n_used · teacher
+    # probability, so 1 = a fair share; entries start at 1); below evict_below it leaves the
+    # bank at the next rebuild, for good
+    usefulness_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    evict_below: float | None = None
+    bank_min_prefix: int = Field(1, ge=1)  # bank entries need a prefix of at least this many items
+    retriever_warmup_epochs: int = Field(0, ge=0)  # contrastive warm-up of the retriever before epoch 0; 0 = off
+    retriever_warmup_tau: float = Field(0.1, gt=0.0)  # its InfoNCE temperature
+    retriever_warmup_lr: float | None = Field(None, gt=0.0)  # None = lr
     rebuild_every_early: int = Field(1, ge=1)  # re-encode the bank's keys every n epochs ...
     rebuild_every_late: int = Field(3, ge=1)  # ... and every m epochs from rebuild_switch_epoch on
     rebuild_switch_epoch: int = Field(5, ge=0)
@@ -130,6 +153,10 @@ class RAConfig(_Strict):
         ends = [p.until_epoch for p in self.unfreeze]
         if any(b <= a for a, b in itertools.pairwise(ends)):
             raise ValueError(f"ra.unfreeze until_epoch values must increase, got {ends}")
+        if self.retrieval == "cross_attention" and (self.values != "target" or self.entropy_gain > 0):
+            raise ValueError("ra.retrieval=cross_attention attends over target embeddings with a learned "
+                             f"score: it needs ra.values=target and ra.entropy_gain=0 (got {self.values!r}, "
+                             f"{self.entropy_gain})")
         return self
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retriever import MemoryBank, SearchResult
-from training.fusion import FusionOutput, Neighbours, RetrievalAttention, Retrieved, build_fusion
+from training.fusion import FusionOutput, Neighbours, Retrieved, build_fusion, build_retrieval
 from training.model import SequenceEncoder
 
 
@@ -62,6 +62,7 @@ class Bank:
     values: torch.Tensor | None  # (M, D) prefix representations h, when values need them
     users: np.ndarray  # (M,) int64 payload, kept for leakage checks
     positions: np.ndarray  # (M,) int64
+    examples: np.ndarray | None = None  # (M,) int64 training-example index of each entry (-1: none)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -88,15 +89,26 @@ class RAModel(nn.Module):
         alpha_max: float = 0.5,
         quality_threshold: float | None = None,
         match_norm: bool = True,
+        retrieval: str = "similarity",
+        entropy_gain: float = 0.0,
+        fusion_temperature: float | None = None,
     ) -> None:
         super().__init__()
         dim = encoder.cfg.dim
         self.match_norm = match_norm
         self.encoder = encoder
         self.retriever = RetrieverEncoder(dim)
-        self.retrieval = RetrievalAttention(temperature=temperature, values=values,
-                                            quality_threshold=quality_threshold)
-        self.fusion = build_fusion(fusion, dim, alpha_max=alpha_max)
+        if retrieval == "similarity":
+            self.retrieval = build_retrieval(retrieval, dim, temperature=temperature, values=values,
+                                             quality_threshold=quality_threshold, entropy_gain=entropy_gain)
+        else:  # cross-attention: its values are the neighbours' targets, its scores learned
+            if values != "target" or entropy_gain:
+                raise ValueError(f"retrieval={retrieval!r} needs values='target' and entropy_gain=0, "
+                                 f"got {values!r}, {entropy_gain}")
+            self.retrieval = build_retrieval(retrieval, dim, temperature=temperature,
+                                             quality_threshold=quality_threshold)
+        extra = {} if fusion_temperature is None or fusion == "fixed" else {"temperature": fusion_temperature}
+        self.fusion = build_fusion(fusion, dim, alpha_max=alpha_max, **extra)
 
     @property
     def temperature(self) -> float:
@@ -127,6 +139,16 @@ class RAModel(nn.Module):
         has = ret.has_neighbours
         out.stats["norm_ratio_raw"] = norm_ratio[has].mean() if bool(has.any()) else norm_ratio.new_tensor(math.nan)
         return RAOutput(scores_h, scores_fused, ret, out)
+
+
+def build_ra_model(encoder: SequenceEncoder, ra: dict) -> RAModel:
+    """The RA model an ``ra`` config section describes (``RAConfig.model_dump()``, as saved in
+    ``ra.pt``), around ``encoder``; keys missing from an older file take their defaults."""
+    return RAModel(encoder, fusion=ra["fusion"], values=ra.get("values", "target"),
+                   temperature=ra.get("temperature_t0", 0.1), alpha_max=ra.get("alpha_max", 0.5),
+                   quality_threshold=ra.get("quality_threshold"), match_norm=ra.get("match_norm", True),
+                   retrieval=ra.get("retrieval", "similarity"), entropy_gain=ra.get("entropy_gain", 0.0),
+                   fusion_temperature=ra.get("fusion_temperature"))
 
 
 def search_neighbours(

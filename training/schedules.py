@@ -151,3 +151,19 @@ def apply_unfreezing(
         n_train,
     )
     return out
+
+
+def own_group(groups: list[dict[str, Any]], module: nn.Module, name: str, lr: float) -> list[dict[str, Any]]:
+    """Move ``module``'s trainable parameters out of ``groups`` into a group of their own
+    {"name": name, "params": ..., "lr": lr}; groups left empty are dropped. Frozen
+    parameters stay out (a phase that does not train the module gets no such group)."""
+    mine = {id(p) for p in module.parameters() if p.requires_grad}
+    out, moved = [], []
+    for group in groups:
+        kept = [p for p in group["params"] if id(p) not in mine]
+        moved += [p for p in group["params"] if id(p) in mine]
+        if kept:
+            out.append({**group, "params": kept})
+    if moved:
+        out.append({"name": name, "params": moved, "lr": lr})
+    return out

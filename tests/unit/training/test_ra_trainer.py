@@ -113,10 +113,11 @@ def test_cli_train_dispatches_to_the_ra_stage(tmp_path, pretrained):
 # ------------------------------------------------------------------ leakage
 
 
-def test_training_queries_never_see_their_own_user_now_or_later(tmp_path, pretrained, monkeypatch):
+@pytest.mark.parametrize("mode", ["prefix", "window"])
+def test_training_queries_never_see_their_own_user_now_or_later(tmp_path, pretrained, monkeypatch, mode):
     """Spy on the real training loop: every search result of every batch, matched to the
     batch's examples through the split (not through what the trainer passed to search)."""
-    trainer = ready_trainer(pretrained, tmp_path / "ra", "ra.k=8")
+    trainer = ready_trainer(pretrained, tmp_path / "ra", "ra.k=8", f"train.mode={mode}")
     batches, results = [], []
     real_iterate, real_search = ra_trainer.iterate_batches, ra_trainer.search_neighbours
 
@@ -202,6 +203,9 @@ def test_a_leaky_bank_scores_far_higher_and_is_refused(tmp_path, pretrained):
                                     np.concatenate([s.train_positions, s.valid_positions, s.test_positions]))
     leaky = trainer.evaluate("test", leaky_bank).metrics["NDCG@10"]
     assert leaky > honest + 0.15 and leaky > 1.3 * honest, (leaky, honest)
+    # the honest bank, same weights: no jump of that kind over the model without retrieval
+    without = trainer.evaluate("test", None).metrics["NDCG@10"]
+    assert honest - without < 0.25 * (leaky - without), (honest, without, leaky)
     with pytest.raises(LeakageError):
         check_bank(leaky_bank.users, leaky_bank.positions, s.test_users, s.test_positions, "test")
 

@@ -10,6 +10,7 @@ from training.schedules import (
     annealed_temperature,
     apply_unfreezing,
     linear_warmup,
+    own_group,
     parse_phases,
     phase_index,
 )
@@ -104,3 +105,16 @@ def test_phase_parsing_and_index():
         parse_phases([{"until_epoch": 2, "train": ["fusion"], "lr_mul": 1.0}])
     with pytest.raises(ValueError, match="increase"):
         parse_phases([PHASES[1], PHASES[0]])
+
+
+def test_own_group_moves_a_module_out_of_any_group():
+    model, phases = TinyRA(), parse_phases(PHASES)
+    groups = own_group(apply_unfreezing(model, phases, epoch=20, base_lr=1.0), model.fusion, "fusion", 0.3)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["fusion"]["lr"] == 0.3  # its own rate, whatever the phase multiplier
+    assert _ids(by_name["fusion"]["params"]) == _ids(model.fusion.parameters())
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))
+    # a phase that freezes the module gives it no group; the others are untouched
+    frozen = apply_unfreezing(model, parse_phases([{"until_epoch": 1, "train": ["retriever"]}]), 0, 1.0)
+    assert [g["name"] for g in own_group(frozen, model.fusion, "fusion", 0.3)] == ["retriever"]
