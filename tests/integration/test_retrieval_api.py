@@ -26,26 +26,9 @@ from training.config import load_config
 from training.data import Vocabulary, pad_prefixes, read_interactions
 from training.fusion import Neighbours
 from training.ra_bundle import load_ra_model
-from training.ra_trainer import run_ra_training
-from training.synthetic import generate_interactions, write_inter
-from training.trainer import run_training
 
-MAX_LEN = 10
+from tests.integration.conftest import RA_MAX_LEN as MAX_LEN
 ADMIN = {"X-API-Key": "admin-key"}
-
-
-@pytest.fixture(scope="module")
-def ra_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ra-api")
-    data = root / "syn.inter"
-    write_inter(generate_interactions(90, 50, mean_length=12, seed=11), data)
-    base = [f"data.path={data}", f"data.max_seq_len={MAX_LEN}", "model.dim=16", "model.inner=32", "model.n_layers=1",
-            "loss.contrastive=none", "train.batch_size=128", "train.device=cpu", "train.seed=3", "train.lr=0.005"]
-    run_training(load_config(None, [*base, "train.epochs=2"]), root / "duorec", progress=False)
-    ra = root / "ra"
-    run_ra_training(load_config(None, [*base, "ra.enabled=true", f"ra.pretrained={root / 'duorec'}", "ra.epochs=1",
-                                       "ra.k=5", "ra.alpha_warmup_epochs=0"]), ra, progress=False)
-    return ra
 
 
 def settings_for(run_dir: Path, index_dir: Path, **kw: Any):
