@@ -4,8 +4,8 @@
 #   bash scripts/main.sh                      (serves until Ctrl-C)
 #   PORT=8001 bash scripts/main.sh            (another port)
 #   RAGREC_DEMO_EXIT=1 bash scripts/main.sh   (stop after the sample request)
-# A rerun reuses the finished stages; an interrupted one resumes (pretraining) or starts over
-# (fine-tuning); a stage counts as finished only once its metrics.json exists.
+# A rerun reuses the finished stages and resumes an interrupted one from its last epoch; a
+# stage counts as finished only once its metrics.json exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOST=${HOST:-127.0.0.1}
@@ -47,6 +47,9 @@ fi
 echo "== 2/3 retrieval-augmented fine-tuning -> $OUT/ra"
 if [ -f "$OUT/ra/metrics.json" ]; then
   echo "finished by an earlier run; reusing it"
+elif [ -f "$OUT/ra/last.pt" ]; then
+  "$RAGREC" train --config configs/ml100k-ra.yaml --out "$OUT/ra" --resume \
+    --set ra.pretrained="$OUT/duorec" --set ra.epochs=2
 else
   rm -rf "$OUT/ra"
   "$RAGREC" train --config configs/ml100k-ra.yaml --out "$OUT/ra" \
