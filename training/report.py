@@ -516,7 +516,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 
     Raises ReportFileNotFoundError (a FileNotFoundError) for a missing folder or metrics.jsonl, ReportError
     (a ValueError) for unreadable input, ReportDependencyError (an ImportError) without matplotlib.
+    A ``ragrec ablate`` folder (ablation.json, no metrics.jsonl) gets the ablation report instead.
     """
+    if (Path(run_dir) / "ablation.json").is_file() and not (Path(run_dir) / "metrics.jsonl").is_file():
+        from training.ablation_report import write_ablation_report
+
+        return write_ablation_report(run_dir, out_dir)
     data = load_run(run_dir)
     _matplotlib()  # fail on the missing extra before writing anything
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
