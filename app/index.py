@@ -79,6 +79,28 @@ def build_bank(model: RAModel, sequences: list[np.ndarray], rows: np.ndarray, po
                       values=h if store_values else None)
 
 
+def build_and_publish(run_dir: str, index_root: str, histories: dict[str, np.ndarray], *, model_version: str,
+                      min_recall: float, keep_versions: int, threads: int = 1, nice: int = 10) -> dict[str, Any]:
+    """A whole rebuild in a child process: load the run's RA model, encode every history, build,
+    validate and publish a new version (made current). Runs with ``threads`` torch threads at
+    ``nice`` priority, so the serving process keeps the CPU it needs; returns ``publish``'s report."""
+    import os
+
+    import torch
+
+    from training.ra_bundle import load_ra_model
+
+    os.nice(nice)
+    torch.set_num_threads(threads)
+    model, blob = load_ra_model(run_dir)
+    manager = IndexManager(model, index_root, model_version=model_version, max_len=model.encoder.cfg.max_len,
+                           store_values=blob["ra_config"].get("values", "target") != "target",
+                           min_recall=min_recall, keep_versions=keep_versions)
+    with torch.inference_mode():
+        bank, names = manager.build(histories)
+    return manager.publish(bank, names)
+
+
 class IndexManager:
     """Builds, publishes, loads and serves bank versions under ``root`` (an ``ArtifactStore``)."""
 

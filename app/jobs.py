@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import multiprocessing
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,47 @@ LOCK = "rebuild"
 
 class RebuildBusy(RuntimeError):
     """Another rebuild holds the lock (in this replica or another)."""
+
+
+class RebuildFailed(RuntimeError):
+    """The rebuild process failed; the message is its error (nothing was published)."""
+
+
+def _child_main(conn: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as e:  # reported to the parent, which records it in the job
+        conn.send((False, f"{type(e).__name__}: {e}"))
+    else:
+        conn.send((True, result))
+    finally:
+        conn.close()
+
+
+async def run_in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a fresh spawned process, awaited without blocking the loop.
+    The process is terminated if the caller is cancelled; RebuildFailed carries its error."""
+    ctx = multiprocessing.get_context("spawn")
+    recv_end, send_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(send_end, fn, args, kwargs), daemon=True, name="ragrec-rebuild")
+    proc.start()
+    send_end.close()
+    try:
+        while not recv_end.poll():
+            await asyncio.sleep(0.05)
+        try:
+            ok, payload = recv_end.recv()
+        except EOFError:
+            await asyncio.to_thread(proc.join, 10)
+            raise RebuildFailed(f"the rebuild process died (exit code {proc.exitcode})") from None
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        await asyncio.to_thread(proc.join, 10)
+        recv_end.close()
+    if not ok:
+        raise RebuildFailed(payload)
+    return payload
 
 
 def _now() -> str:
@@ -100,26 +142,42 @@ class Jobs:
 
     # ------------------------------------------------------------------ rebuilds
 
-    async def start_rebuild(self, trigger: str = "on-demand") -> dict:
-        """Take the rebuild lock, then start a rebuild job. RebuildBusy if another one holds it."""
+    async def start_rebuild(self, trigger: str = "on-demand", *, in_process: bool = False) -> dict:
+        """Take the rebuild lock, then start a rebuild job. RebuildBusy if another one holds it.
+        in_process: build in this process's threads (start-up, before any request is served)
+        instead of a child process (``settings.rebuild_subprocess``)."""
         owner = uuid.uuid4().hex
         if not await self.store.acquire_lock(LOCK, owner, self.settings.rebuild_lock_ttl_s):
             raise RebuildBusy("another index rebuild is running; retry when it has finished (GET /v1/jobs)")
+        child = self.settings.rebuild_subprocess and not in_process
         try:
-            return await self.start_job("rebuild", {"trigger": trigger}, lambda job: self._rebuild(owner))
+            return await self.start_job("rebuild", {"trigger": trigger, "subprocess": child},
+                                        lambda job: self._rebuild(owner, child))
         except BaseException:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release_lock(LOCK, owner)
             raise
 
-    async def _rebuild(self, owner: str) -> dict:
-        """Encode every stored sequence with the served model, build, validate, publish, switch."""
+    async def _rebuild(self, owner: str, child: bool) -> dict:
+        """Encode every stored sequence with the served model, build, validate, publish, switch.
+        child: the heavy part runs in a niced single-threaded process; this one then loads the
+        published version (verifying it again) and swaps it in."""
         keeper = self._spawn(self._keep_lock(owner), "rebuild-lock")
         start = time.perf_counter()
         try:
             histories = await gather_histories(self.engine, self.store)
-            bank, names = await asyncio.to_thread(self.manager.build, histories)
-            report = await asyncio.to_thread(self.manager.publish, bank, names)
+            if child:
+                from app.index import build_and_publish
+
+                s = self.settings
+                report = await run_in_child(
+                    build_and_publish, str(s.run_dir), str(s.index_root), histories,
+                    model_version=self.engine.model_version, min_recall=s.index_min_recall,
+                    keep_versions=s.index_keep_versions, threads=s.rebuild_threads, nice=s.rebuild_nice)
+                await self.load_version(report["version"])
+            else:
+                bank, names = await asyncio.to_thread(self.manager.build, histories)
+                report = await asyncio.to_thread(self.manager.publish, bank, names)
             await self.store.set_index_version(report["version"])
         except Exception:
             self.metrics.rebuild_failures.inc()
@@ -130,7 +188,8 @@ class Jobs:
                 await self.store.release_lock(LOCK, owner)
         seconds = time.perf_counter() - start
         self.metrics.rebuild_seconds.observe(seconds)
-        self.metrics.index_swapped(self.manager.serving)
+        if not child:  # load_version already counted the swap
+            self.metrics.index_swapped(self.manager.serving)
         return {**report, "users": len(histories), "seconds": round(seconds, 3)}
 
     async def _keep_lock(self, owner: str) -> None:

@@ -61,7 +61,7 @@ async def open_index(engine: Engine, store: Store, settings: Settings, metrics: 
             logger.error("index %s not served: %s", wanted, e)
     if manager.serving is None and settings.build_index_on_start:
         try:
-            job = await jobs.start_rebuild("startup")
+            job = await jobs.start_rebuild("startup", in_process=True)  # nothing is served yet
         except (RebuildBusy, StoreUnavailable) as e:
             logger.warning("no index built at start-up (%s); serving without retrieval until one appears", e)
         else:

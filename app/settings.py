@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     build_index_on_start: bool = True  # no version yet: build one at start-up (under the rebuild lock)
     rebuild_interval: float = Field(0.0, ge=0)  # seconds between scheduled rebuilds; 0: on demand only
     index_poll_s: float = Field(2.0, gt=0)  # how often a replica checks the shared current index version
+    rebuild_subprocess: bool = True  # rebuilds run in a child process (False: worker threads of this one)
+    rebuild_threads: int = Field(1, ge=1)  # torch threads of the rebuild process
+    rebuild_nice: int = Field(10, ge=0, le=19)  # its scheduling priority: requests come first
     rebuild_lock_ttl_s: float = Field(120.0, gt=0)  # the rebuild lock expires if its holder dies
     index_min_recall: float = Field(0.9, gt=0, le=1)  # a new bank must reach this recall@10 vs exact search
     index_keep_versions: int = Field(5, ge=1)  # older bank versions are pruned

@@ -9,6 +9,7 @@ Shapes: M sequences, B queries, K neighbours, D hidden size.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def load_ra_model(path: str | Path, *, map_location: str | torch.device = "cpu")
         blob = torch.load(file, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise RunError(f"no retrieval-augmented model at {file}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # truncated, corrupted, foreign
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{file} is not a readable ragrec RA model file ({reason[:120]})") from None
     if not isinstance(blob, dict) or blob.get("format") != RA_FORMAT:
         raise RunError(f"{file} is not a ragrec RA model file (format "
                        f"{blob.get('format') if isinstance(blob, dict) else '?'})")

@@ -37,7 +37,7 @@ def test_generated_requests_never_get_a_server_error(ra_run: Path, tmp_path: Pat
             @given(case=op.as_strategy())
             @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                       suppress_health_check=list(HealthCheck))
-            def fire(case) -> None:  # noqa: ANN001  (schemathesis' Case)
+            def fire(case) -> None:
                 try:
                     response = case.call(base_url=server.url, headers={"X-API-Key": "k"}, timeout=30)
                 except httpx.HTTPError as e:  # a dropped connection is as bad as a 500

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,13 +22,13 @@ import torch
 from app.main import create_app
 from app.store import RedisStore
 from retriever import ArtifactStore
+from tests.integration.conftest import RA_MAX_LEN as MAX_LEN
 from tests.integration.test_api import LiveServer, client_for
 from training.config import load_config
 from training.data import Vocabulary, pad_prefixes, read_interactions
 from training.fusion import Neighbours
 from training.ra_bundle import load_ra_model
 
-from tests.integration.conftest import RA_MAX_LEN as MAX_LEN
 ADMIN = {"X-API-Key": "admin-key"}
 
 
@@ -309,7 +310,8 @@ async def _take_lock(url: str, prefix: str) -> bool:
 
 
 def test_scheduled_rebuilds_publish_new_versions(ra_run: Path, tmp_path: Path) -> None:
-    app = create_app(settings_for(ra_run, tmp_path / "index", rebuild_interval=0.3))
+    # in-process rebuilds here (worker threads); the other tests use the default child process
+    app = create_app(settings_for(ra_run, tmp_path / "index", rebuild_interval=0.3, rebuild_subprocess=False))
     with LiveServer(app) as server, client_for(server) as client:
         deadline = time.monotonic() + 30
         while client.get("/v1/index").json()["version"] in ("v000001", None):
@@ -318,3 +320,20 @@ def test_scheduled_rebuilds_publish_new_versions(ra_run: Path, tmp_path: Path) -
         triggers = {j["params"]["trigger"] for j in client.get("/v1/jobs", headers=ADMIN).json()}
         assert {"startup", "scheduled"} <= triggers
         assert recommend(client, items=app.state.engine.vocab.tokens[:3])["retrieval_used"] is True
+
+
+def test_a_failed_rebuild_is_reported_and_changes_nothing(ra_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(ra_run, run)
+    app = create_app(settings_for(run, tmp_path / "index"))
+    with LiveServer(app) as server, client_for(server) as client:
+        before = client.get("/v1/index").json()
+        (run / "ra.pt").write_bytes(b"not a checkpoint")  # the rebuild process reads the run afresh
+        job = wait_job(client, client.post("/v1/index/rebuild", headers=ADMIN).json()["url"])
+        assert job["status"] == "failed" and "ra.pt" in job["error"], job
+        assert client.get("/v1/index").json() == before
+        assert ArtifactStore(tmp_path / "index").versions() == ["v000001"]
+        assert recommend(client, items=app.state.engine.vocab.tokens[:3])["index_version"] == "v000001"
+        assert app.state.metrics.registry.get_sample_value("ragrec_index_rebuild_failures_total") == 1
+        # the lock was released: the next rebuild may start (and fails the same way)
+        assert client.post("/v1/index/rebuild", headers=ADMIN).status_code == 202
