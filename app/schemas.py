@@ -19,6 +19,8 @@ class _In(BaseModel):
 
 
 class RecommendRequest(_In):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user_id": "196", "k": 10, "explain": True}, {"items": ["242", "302", "377"], "k": 5, "use_retrieval": False}]})
+
     user_id: Id | None = None  # the stored history is used, with `items` appended
     items: list[Id] = Field(default_factory=list, max_length=MAX_ITEMS)  # raw item ids, oldest first
     k: int = Field(10, ge=1, le=1000)
@@ -77,6 +79,8 @@ class RecommendResponse(BaseModel):
 
 
 class BatchRecommendRequest(_In):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"requests": [{"user_id": "196", "k": 5}, {"items": ["50", "172"], "k": 5}]}]})
+
     requests: list[RecommendRequest] = Field(min_length=1)  # the upper limit is settings.max_batch
 
 
@@ -88,6 +92,8 @@ class BatchRecommendResponse(BaseModel):
 
 
 class EventIn(_In):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user_id": "196", "item_id": "50", "timestamp": 1700000000.0}]})
+
     user_id: Id
     item_id: Id
     # Seconds since the epoch; NaN, infinities and negatives are refused. None: the server's clock.
@@ -142,6 +148,8 @@ class IndexInfo(BaseModel):
 
 
 class LoadIndexRequest(_In):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": "v000003"}]})
+
     version: Annotated[str, StringConstraints(pattern=r"^v\d{6,}$")]  # e.g. "v000003"
 
 
@@ -161,6 +169,8 @@ class EvalSequence(_In):
 
 
 class EvaluateRequest(_In):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"split": "test"}, {"sequences": [{"items": ["242", "302"], "target": "377", "user_id": "196"}], "ks": [10]}]})
+
     # "valid"/"test": the served run's held-out split (leave-one-out), with a leakage-safe bank
     # (training examples; plus validation examples for test). Or give `sequences` instead.
     split: Literal["valid", "test"] | None = "test"
