@@ -1,4 +1,5 @@
-# make main   — fetch ML-100K, train DuoRec, evaluate (creates .venv on first use)
+# make main   — ML-100K -> DuoRec -> retrieval-augmented fine-tuning -> index -> service on :8000
+#               (creates .venv on first use; prints a sample recommendation; serves until Ctrl-C)
 # make test   — run the whole test suite (creates .venv on first use)
 .PHONY: main test env lint bench-train bench-index clean
 
