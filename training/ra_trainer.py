@@ -292,6 +292,17 @@ class RATrainer:
         check_bank(bank.users, bank.positions, qu, qp, split)
         return bank
 
+    def eval_banks(self) -> dict[str, Bank]:
+        """Both evaluation banks from one encoding: the test bank is the validation bank plus
+        the validation examples, so their keys are encoded once."""
+        test = self.eval_bank("test")
+        m = int(self.entries.alive.sum())  # the training entries come first
+        valid = self._bank_from(test.users[:m], test.positions[:m], test.keys[:m],
+                                None if test.values is None else test.values[:m], self.entries.quality[self.entries.ids],
+                                test.examples[:m])
+        check_bank(valid.users, valid.positions, *self.eval_sets["valid"][:2], "valid")
+        return {"valid": valid, "test": test}
+
     def _absorb_bank_quality(self) -> None:
         """Carry the training bank's usefulness EMAs back to the entries (before a rebuild or an eval bank)."""
         if self.bank is not None:
@@ -552,8 +563,9 @@ class RATrainer:
         self.entries = BankEntries.from_state(blob["entries"]) if "entries" in blob else self.entries
         result: dict[str, Any] = {}
         ranks: dict[str, np.ndarray] = {}
+        banks = self.eval_banks()
         for split in ("valid", "test"):
-            with_r, without_r = self.dual_evaluate(split)
+            with_r, without_r = self.dual_evaluate(split, banks[split])
             result[split] = {"with_retrieval": with_r.metrics, "without_retrieval": without_r.metrics}
             ranks[f"{split}_with_retrieval"], ranks[f"{split}_without_retrieval"] = with_r.ranks, without_r.ranks
         # per-user NDCG@10 with minus without retrieval, on the test split just evaluated

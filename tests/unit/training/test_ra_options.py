@@ -155,6 +155,15 @@ def test_usefulness_ema_is_updated_and_low_entries_are_evicted_at_rebuild(tmp_pa
     check_bank(test.users, test.positions, s.test_users, s.test_positions, "test")
     with t.bank.index.read_locked() as cols:  # the quality payload is the entries' usefulness
         np.testing.assert_array_equal(cols["quality"], t.entries.quality[t.bank.examples])
+    # the final evaluation encodes once for both banks: the same banks as built one by one
+    both = t.eval_banks()
+    for split, one in (("valid", valid), ("test", test)):
+        np.testing.assert_array_equal(both[split].users, one.users)
+        np.testing.assert_array_equal(both[split].positions, one.positions)
+        np.testing.assert_array_equal(both[split].examples, one.examples)
+        torch.testing.assert_close(both[split].keys, one.keys, rtol=1e-5, atol=1e-5)
+        with both[split].index.read_locked() as a, one.index.read_locked() as b:
+            np.testing.assert_array_equal(a["quality"], b["quality"])
 
 
 def test_evictions_are_logged_per_epoch(tmp_path, pretrained):
