@@ -76,6 +76,7 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shuffle_targets: bool = False  # sanity mode: shuffled, relabelled training targets; must score at chance
     max_minutes: float | None = Field(None, gt=0.0)  # stop after this wall time (keeps best)
+    tensorboard: bool = True  # per-epoch scalars in <run>/tb/ too, when tensorboard is installed
 
 
 class EvalConfig(_Strict):

@@ -6,6 +6,14 @@ A run directory holds: ``config.yaml`` (resolved), ``items.json`` (vocabulary),
 ``last.pt`` (full state for ``--resume``), ``model.pt`` (best weights by validation
 NDCG@10), ``metrics.jsonl`` (one line per epoch) and ``metrics.json`` (final valid/test).
 Checkpoints hold tensors and plain values only: ``torch.load(weights_only=True)`` reads them.
+With TensorBoard installed, ``tb/`` holds the per-epoch records as scalars too.
+
+Data-parallel under torchrun (``training/distributed.py``): every rank follows the same seeded
+batch plan and trains on its slice of each global batch of ``train.batch_size`` examples in a
+DistributedDataParallel wrapper, so the step equals the single-process step on the global
+batch. The contrastive views are all-gathered with their gradient, so InfoNCE sees the whole
+global batch's negatives, as in one process. Rank 0 alone evaluates, decides when to stop and
+writes the run directory.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training import distributed
 from training.batches import Batch, Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
 from training.config import RunConfig, dump_config
 from training.data import DataError, leave_one_out, pad_prefixes
@@ -39,6 +48,7 @@ from training.run import (
     resolve_device,
     save_model_file,
 )
+from training.tracking import ScalarLog
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +76,12 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        self.world = distributed.world()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
-        self.rng = np.random.default_rng(cfg.train.seed)
-        self.device = resolve_device(cfg.train.device)
+        self.rng = np.random.default_rng(cfg.train.seed)  # the batch plan: identical on every rank
+        self.device = distributed.rank_device(resolve_device(cfg.train.device))
 
         # Everything that can fail on bad input happens before the run directory is touched.
         self.data = load_run_data(cfg)
@@ -79,7 +90,8 @@ class Trainer:
             raise DataError(f"{cfg.data.path}: no training examples after filtering (every user needs >= 2 items)")
         if len(self.split.valid_users) == 0:
             raise DataError(f"{cfg.data.path}: no user has the 3 interactions needed for validation and test")
-        self._prepare_out_dir()
+        if self.world.is_main:
+            self._prepare_out_dir()
 
         L = cfg.data.max_seq_len
         self.train_targets = gather_items(self.data, self.split.train_users, self.split.train_positions)
@@ -104,14 +116,21 @@ class Trainer:
             self.prefix_windows = pad_prefixes(self.data, self.prefix_plan.unit_users, self.prefix_plan.unit_ends, L)[0]
 
         self.model = build_model(cfg, self.data.n_items).to(self.device)
+        if self.world.size > 1:  # same initial weights (DDP copies rank 0's anyway), own dropout masks
+            torch.manual_seed(cfg.train.seed + self.world.rank)
+        self.ddp = distributed.data_parallel(self.model, self.device)
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.forward = torch.compile(self.model, dynamic=True) if cfg.train.compile else self.model
+        self.forward = torch.compile(self.ddp, dynamic=True) if cfg.train.compile else self.ddp
         if self.resume:
             self._load_checkpoint(self.out / "last.pt")
+        self.scalars = ScalarLog(self.out / "tb", enabled=cfg.train.tensorboard and self.world.is_main)
         log.info("data: %d users, %d items, %d training examples, %d passes per epoch (%s mode)",
                  self.data.n_users, self.data.n_items, len(self.train_targets),
                  self.prefix_plan.n_units if self.prefix_plan else -1, cfg.train.mode)
+        if self.world.size > 1:
+            log.info("data-parallel: rank %d of %d on %s, %d examples per global batch", self.world.rank,
+                     self.world.size, self.device, cfg.train.batch_size)
 
     def _prepare_out_dir(self) -> None:
         last = self.out / "last.pt"
@@ -126,25 +145,29 @@ class Trainer:
 
     # -------------------------------------------------------------- one epoch
 
-    def _views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-        """Stack the original, dropout and same-target views into ONE encoder input.
-
-        Returns (sequences, rows, cols, cl): the outputs come back in the order
-        [every example | dropout view of the contrastive examples | their same-target
-        partners], where ``cl`` indexes the batch's examples that take part in the
-        contrastive loss: all of them in prefix mode (each example is a sequence, as in
-        DuoRec); in window mode the last column of each window, so contrastive learning
-        stays at the sequence level and costs one extra pass per window, not per position.
-        """
-        mode = self.cfg.loss.contrastive
-        windows, rows, cols = batch.windows, batch.rows, batch.cols
+    def _contrastive_examples(self, batch: Batch) -> np.ndarray:
+        """Sorted indices of the (global) batch's examples that take part in the contrastive
+        loss: all of them in prefix mode (each example is a sequence, as in DuoRec); in window
+        mode the last column of each window, so contrastive learning stays at the sequence
+        level and costs one extra pass per window, not per position."""
+        rows = batch.rows
         if self.cfg.train.mode == "prefix":
             cl = np.arange(len(rows))
         else:
             cl = np.flatnonzero(np.r_[rows[1:] != rows[:-1], True])  # rows are grouped per window
         limit = self.cfg.loss.cl_batch
-        if mode != "none" and limit is not None and len(cl) > limit:
+        if self.cfg.loss.contrastive != "none" and limit is not None and len(cl) > limit:
             cl = np.sort(self.rng.choice(cl, size=limit, replace=False))
+        return cl
+
+    def _views(self, batch: Batch, cl: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stack the original, dropout and same-target views into ONE encoder input.
+
+        Returns (sequences, rows, cols): the outputs come back in the order [every example |
+        dropout view of the contrastive examples ``cl`` | their same-target partners].
+        """
+        mode = self.cfg.loss.contrastive
+        windows, rows, cols = batch.windows, batch.rows, batch.cols
         parts, all_rows, all_cols = [windows], [rows], [cols]
         n_windows = len(windows)
         if mode in ("un", "us", "us_x"):
@@ -161,11 +184,11 @@ class Trainer:
             parts.append(sem)
             all_rows.append(np.arange(len(sem)) + n_windows)
             all_cols.append(sem_len - 1)
-        width = max(int((p > 0).sum(axis=1).max()) for p in parts)  # drop all-padding columns
+        width = max(int((p > 0).sum(axis=1).max(initial=0)) for p in parts)  # drop all-padding columns
         stacked = np.concatenate([np.pad(p[:, :width], ((0, 0), (0, max(0, width - p.shape[1])))) for p in parts])
         to = self.device
         return (torch.from_numpy(stacked).to(to), torch.from_numpy(np.concatenate(all_rows)).to(to),
-                torch.from_numpy(np.concatenate(all_cols)).to(to), cl)
+                torch.from_numpy(np.concatenate(all_cols)).to(to))
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
@@ -184,11 +207,19 @@ class Trainer:
         n_seen, steps = 0, 0
         start = time.perf_counter()
         n_steps = math.ceil(plan.n_samples / cfg.train.batch_size)
+        world = self.world
+        show = self.progress if world.is_main else False  # None: tqdm decides
         batches = tqdm(iterate_batches(plan, self.data, L, cfg.train.batch_size, self.rng, windows),
                        total=n_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-                       disable=None if self.progress is None else not self.progress)
-        for batch in batches:
-            seq, rows, cols, cl = self._views(batch)
+                       disable=None if show is None else not show)
+        for global_batch in batches:
+            cl_global = self._contrastive_examples(global_batch)
+            shard = distributed.shard_batch(global_batch, world.rank, world.size)
+            batch = shard.batch
+            # this rank's contrastive examples, and every rank's count of them (for the gather)
+            cuts = np.searchsorted(cl_global, distributed.shard_bounds(shard.n_global, world.size))
+            cl = cl_global[cuts[world.rank] : cuts[world.rank + 1]] - shard.lo
+            seq, rows, cols = self._views(batch, cl)
             n, m = len(batch.rows), len(cl)
             targets = targets_all[torch.from_numpy(batch.sample_index).to(self.device)]
             with autocast(self.device, cfg.train.precision):
@@ -198,27 +229,37 @@ class Trainer:
             losses = {"ce": F.cross_entropy(logits.float(), targets - 1)}
             if cfg.loss.contrastive != "none":
                 mode = cfg.loss.contrastive
-                cl_t = torch.from_numpy(cl).to(self.device)
-                h_drop = out[n : n + m].float() if mode in ("un", "us", "us_x") else None
-                h_sem = out[out.shape[0] - m :].float() if mode in ("su", "us", "us_x") else None
+                counts = np.diff(cuts)
+                # (m, D) per rank -> (M, D) in the global batch's order, gradient flowing back to each rank
+                h_cl = distributed.gather_rows(h[torch.from_numpy(cl).to(self.device)].float(), counts)
+                h_drop = (distributed.gather_rows(out[n : n + m].float(), counts)
+                          if mode in ("un", "us", "us_x") else None)
+                h_sem = (distributed.gather_rows(out[out.shape[0] - m :].float(), counts)
+                         if mode in ("su", "us", "us_x") else None)
+                cl_targets = targets_all[torch.from_numpy(global_batch.sample_index[cl_global]).to(self.device)]
                 losses.update(duorec_loss(
-                    h[cl_t].float(), h_drop, h_sem, targets[cl_t], mode=mode, tau=cfg.loss.tau, sim=cfg.loss.sim,
+                    h_cl, h_drop, h_sem, cl_targets, mode=mode, tau=cfg.loss.tau, sim=cfg.loss.sim,
                     lmd=cfg.loss.lmd, lmd_sem=cfg.loss.lmd_sem, mask_false_negatives=cfg.loss.mask_false_negatives,
                 ))
-            loss = sum(losses.values())
+            # CE is this rank's mean: weighted so DDP's average is the global mean's gradient. The
+            # contrastive terms are already global (the same value on every rank; see gather_rows).
+            loss = sum(v * shard.weight if k == "ce" else v for k, v in losses.items())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
             self.optimizer.step()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().item() * n
-            n_seen += n
+                sums[k] = sums.get(k, 0.0) + v.detach().item() * shard.size
+            n_seen += shard.size
             steps += 1
             if steps % 20 == 0:
                 batches.set_postfix(loss=f"{loss.detach().item():.3f}")
         batches.close()
         seconds = time.perf_counter() - start
+        if world.size > 1:  # per-rank sums -> the global batch's numbers
+            sums = distributed.sum_over_ranks({**sums, "_n_seen": n_seen})
+            n_seen = int(sums.pop("_n_seen"))
         stats = {k: v / max(n_seen, 1) for k, v in sums.items()}
         stats["loss"] = sum(stats.values())
         stats.update(seconds=seconds, samples=n_seen, steps=steps, samples_per_s=n_seen / max(seconds, 1e-9))
@@ -251,7 +292,7 @@ class Trainer:
             self.train_seconds += stats["seconds"]
             record: dict[str, Any] = {"epoch": epoch, "train": stats, "train_seconds_total": self.train_seconds}
             stop = False
-            if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+            if self.world.is_main and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
                 valid = self.evaluate("valid").metrics
                 record["valid"] = valid
                 score = valid["NDCG@10"]
@@ -265,18 +306,27 @@ class Trainer:
                          epoch, stats["loss"], stats["seconds"], score, valid["HR@10"], self.best_score,
                          self.best_epoch)
             record["wall_seconds"] = time.perf_counter() - began  # this session: training + validation
-            append_jsonl(self.out / "metrics.jsonl", record)
+            if self.world.is_main:
+                append_jsonl(self.out / "metrics.jsonl", record)
+                self.scalars.write(record, step=epoch)
             self.save_checkpoint(epoch)
+            reason = None
             if stop:
-                log.info("early stop: no better validation NDCG@10 for %d epochs", self.bad_epochs)
-                break
-            if time.perf_counter() > deadline:
-                log.info("stopping: train.max_minutes=%s reached", cfg.train.max_minutes)
+                reason = f"early stop: no better validation NDCG@10 for {self.bad_epochs} epochs"
+            elif time.perf_counter() > deadline:
+                reason = f"stopping: train.max_minutes={cfg.train.max_minutes} reached"
+            reason = distributed.broadcast_object(reason)  # rank 0 decides; every rank stops together
+            if reason:
+                log.info("%s", reason)
                 break
         return self.finish(epochs_run=epoch)
 
     def finish(self, epochs_run: int) -> dict[str, Any]:
-        """Evaluate the best model on valid and test and write ``metrics.json``."""
+        """Evaluate the best model on valid and test and write ``metrics.json`` (rank 0; the
+        other ranks return its result)."""
+        return distributed.run_on_main(lambda: self._final_metrics(epochs_run))
+
+    def _final_metrics(self, epochs_run: int) -> dict[str, Any]:
         model, blob = load_model_file(self.out / "model.pt", map_location=self.device)
         self.model.load_state_dict(model.state_dict())
         result = {
@@ -298,6 +348,10 @@ class Trainer:
         save_model_file(self.model, self.out / "model.pt", epoch=epoch, valid=valid)
 
     def save_checkpoint(self, epoch: int) -> None:
+        """Rank 0 writes ``last.pt``; data-parallel, it also holds every rank's dropout RNG."""
+        rank_rngs = distributed.gather_objects(torch.get_rng_state()) if self.world.size > 1 else None
+        if not self.world.is_main:
+            return
         blob = {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
@@ -312,10 +366,13 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": self.rng.bit_generator.state,
         }
+        if rank_rngs is not None:
+            blob["torch_rng_ranks"] = rank_rngs
         atomic_torch_save(blob, self.out / "last.pt")
 
     def _load_checkpoint(self, path: Path) -> None:
-        blob = torch.load(path, map_location=self.device, weights_only=True)
+        # rank 0 reads it (CPU tensors) and hands it to the others: only rank 0 needs the run directory
+        blob = distributed.run_on_main(lambda: torch.load(path, map_location="cpu", weights_only=True))
         if blob.get("format") != CHECKPOINT_FORMAT:
             raise RunError(f"{path} is not a ragrec training checkpoint")
         if blob["model_config"] != self.model.cfg.to_dict():
@@ -328,23 +385,32 @@ class Trainer:
         self.best_epoch = int(blob["best_epoch"])
         self.bad_epochs = int(blob["bad_epochs"])
         self.train_seconds = float(blob["train_seconds"])
-        torch.set_rng_state(blob["torch_rng"])
+        rank_rngs = blob.get("torch_rng_ranks")
+        if self.world.size == 1 or (rank_rngs is not None and len(rank_rngs) == self.world.size):
+            torch.set_rng_state(blob["torch_rng"] if self.world.size == 1 else rank_rngs[self.world.rank])
+        else:
+            log.warning("resuming with %d processes a run checkpointed with %d: dropout RNG streams restart",
+                        self.world.size, len(rank_rngs) if rank_rngs else 1)
+            torch.manual_seed(self.cfg.train.seed + self.world.rank + 7919 * self.start_epoch)
         self.rng.bit_generator.state = blob["numpy_rng"]
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     def cleanup(self) -> None:
         """Drop the (possibly compiled) forward wrapper and the optimizer state; the files stay."""
-        self.forward = self.model
+        self.forward = self.ddp = self.model
         self.optimizer.state.clear()
+        self.scalars.close()
 
 
 def run_training(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                  progress: bool | None = None) -> dict[str, Any]:
-    trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
-    trainer.setup()
-    try:
-        return trainer.train()
-    finally:
-        trainer.cleanup()
+    """Train in this process, or, started by torchrun, as one rank of a data-parallel run."""
+    with distributed.process_group(resolve_device(cfg.train.device)):
+        trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
+        trainer.setup()
+        try:
+            return trainer.train()
+        finally:
+            trainer.cleanup()
 
 
