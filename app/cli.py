@@ -107,12 +107,13 @@ def train(
     if resume and config is None and (out / "config.yaml").is_file():
         config = out / "config.yaml"
     cfg = load_config(config, overrides)
+    progress = None if os.environ.get("RANK", "0") == "0" else False  # under torchrun: rank 0's bar only
     if cfg.ra.enabled:  # stage 2: retrieval-augmented fine-tuning of the DuoRec run in ra.pretrained
         from training.ra_trainer import run_ra_training
 
-        result = run_ra_training(cfg, out, resume=resume)
+        result = run_ra_training(cfg, out, resume=resume, progress=progress)
     else:
-        result = run_training(cfg, out, resume=resume)
+        result = run_training(cfg, out, resume=resume, progress=progress)
     if os.environ.get("RANK", "0") == "0":  # one summary per run, not one per torchrun process
         typer.echo(json.dumps({"valid": result["valid"], "test": result["test"],
                                "best_epoch": result["best_epoch"]}, indent=2))

@@ -239,12 +239,18 @@ def gather_objects(obj: T) -> list[T]:
 def average_gradients(params: Iterable[nn.Parameter]) -> None:
     """All-reduce and average the gradients of ``params`` in one flat buffer, in place.
 
-    For models that are not wrapped in DDP. A trainable parameter that got no gradient on this
-    rank counts as zero (another rank's batch may have used it).
+    For models that are not wrapped in DDP. A parameter that got a gradient on some ranks but
+    not on this one counts as zero here; one that got none anywhere keeps ``grad=None`` (so the
+    optimizer skips it, as it would in one process).
     """
     if not active():
         return
     params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    params = [p for p, h in zip(params, has.tolist(), strict=True) if h]
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

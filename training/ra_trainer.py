@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from retriever import MemoryBank
+from training import distributed
 from training.batches import iterate_batches, prefix_plan, window_plan
 from training.config import RunConfig, dump_config
 from training.data import DataError, Vocabulary, leave_one_out, pad_prefixes
@@ -71,6 +72,7 @@ from training.schedules import (
     phase_index,
     validate_phases,
 )
+from training.tracking import ScalarLog
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,8 @@ class RATrainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.rng = np.random.default_rng(cfg.train.seed)
-        self.device = resolve_device(cfg.train.device)
+        self.world = distributed.world()
+        self.device = distributed.rank_device(resolve_device(cfg.train.device))
         self.data = load_run_data(cfg)
         self.split = leave_one_out(self.data)
         if len(self.split.train_users) == 0 or len(self.split.valid_users) == 0:
@@ -177,6 +180,9 @@ class RATrainer:
         encoder = build_model(cfg, self.data.n_items)
         self.pretrained = load_pretrained(ra.pretrained, encoder, self.data.item_vocab)
         self.model: RAModel = build_ra_model(encoder, ra.model_dump()).to(self.device)
+        if self.world.size > 1:  # every rank starts from rank 0's weights, with its own dropout masks
+            distributed.sync_from_main(self.model)
+            torch.manual_seed(cfg.train.seed + self.world.rank)
         phases = [p.model_dump() for p in ra.unfreeze] or [{"until_epoch": ra.epochs + 1, "train": [""]}]
         self.phases = parse_phases(phases)
         try:
@@ -199,7 +205,8 @@ class RATrainer:
         if ra.k > held:
             raise RunError(f"ra.k={ra.k} is larger than the memory bank ({held} training examples"
                            f"{' after ra.bank_min_prefix' if ra.bank_min_prefix > 1 else ''}); lower ra.k")
-        self._prepare_out_dir()
+        if self.world.is_main:  # only rank 0 touches the run directory
+            self._prepare_out_dir()
 
         L = cfg.data.max_seq_len
         self.train_targets = gather_items(self.data, s.train_users, s.train_positions)
@@ -218,6 +225,7 @@ class RATrainer:
         self.phase = -1
         if self.resume:
             self._load_checkpoint(self.out / "last.pt")
+        self.scalars = ScalarLog(self.out / "tb", enabled=cfg.train.tensorboard and self.world.is_main)
         log.info("RA stage from %s: %d items, %d training examples, %d in the bank, fusion=%s retrieval=%s "
                  "values=%s k=%d, %s mode", ra.pretrained, self.data.n_items, len(self.train_targets), held,
                  ra.fusion, ra.retrieval, ra.values, ra.k, cfg.train.mode)
@@ -250,12 +258,18 @@ class RATrainer:
         return h, keys
 
     def build_bank(self, users: np.ndarray, positions: np.ndarray, *, recenter: bool = False,
-                   quality: np.ndarray | None = None, examples: np.ndarray | None = None) -> Bank:
+                   quality: np.ndarray | None = None, examples: np.ndarray | None = None,
+                   shared: bool = False) -> Bank:
         """A bank of examples (user, position): key = retriever(h of the prefix), payload target =
         the item at that position, quality (default 1.0 each). recenter: see ``encode``
         (training rebuilds only). examples: each entry's training-example index (-1 = none)."""
         users, positions = np.asarray(users, dtype=np.int64), np.asarray(positions, dtype=np.int64)
-        h, keys = self.encode(users, positions, recenter=recenter)
+        if shared and distributed.active():  # a training bank under torchrun: rank 0 encodes, once
+            h, keys, center = distributed.computed_on_main(
+                lambda: (*self.encode(users, positions, recenter=recenter), self.model.retriever.center), self.device)
+            self.model.retriever.center.copy_(center)  # every rank builds the same index from the same keys
+        else:
+            h, keys = self.encode(users, positions, recenter=recenter)
         return self._bank_from(users, positions, keys, h if self.ra.values != "target" else None, quality, examples)
 
     def _bank_from(self, users, positions, keys, values, quality, examples) -> Bank:
@@ -270,7 +284,7 @@ class RATrainer:
         their mean h. Training queries search it with their own user's present and future excluded."""
         ids = self.entries.ids
         return self.build_bank(self.split.train_users[ids], self.split.train_positions[ids], recenter=True,
-                               quality=self.entries.quality[ids], examples=ids)
+                               quality=self.entries.quality[ids], examples=ids, shared=True)
 
     def eval_bank(self, split: str) -> Bank:
         """Validation: the training examples the bank holds (same usefulness). Test: those plus
@@ -353,6 +367,8 @@ class RATrainer:
                        desc=f"ra epoch {epoch0}", leave=False, dynamic_ncols=True,
                        disable=None if self.progress is None else not self.progress)
         for batch in batches:
+            shard = distributed.shard_batch(batch, self.world.rank, self.world.size)  # this rank's slice
+            batch = shard.batch
             idx = batch.sample_index
             users, positions = s.train_users[idx], s.train_positions[idx]
             targets = targets_all[torch.from_numpy(idx).to(self.device)]
@@ -375,31 +391,38 @@ class RATrainer:
                              retrieval_log=ret.log_weights.float(), usefulness_log=use_log, mask=ret.mask,
                              enhanced_weight=enhanced_weight, kl_weight=ra.kl_weight, direction=ra.kl_direction,
                              quality=gate_quality, quality_threshold=ra.loss_gate_threshold)
-            loss = sum(losses.values())
+            loss = sum(losses.values()) * shard.weight  # 1 in one process; see distributed.Shard
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(self.model.parameters())
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
             self.optimizer.step()
 
             # each used neighbour's usefulness EMA moves toward its share under the teacher
             used = ret.mask.cpu().numpy()
-            if used.any():
-                value = entry_usefulness(use_log, ret.mask).cpu().numpy()
-                self.bank.index.update_quality(res.I[used], value[used], momentum=ra.usefulness_momentum)
+            used[shard.size :] = False  # a placeholder example (empty slice) updates nothing
+            value = entry_usefulness(use_log, ret.mask).cpu().numpy() if used.any() else np.zeros(used.shape)
+            ids, value = distributed.gather_arrays(res.I[used], value[used])  # all ranks' updates, on every rank
+            if len(ids):
+                self.bank.index.update_quality(ids, value, momentum=ra.usefulness_momentum)
 
-            n = len(idx)
+            n = shard.size  # len(idx), or 0 for a placeholder
             diag = {f"loss_{k}": v.detach().item() for k, v in losses.items()}
             diag.update({k: v.item() for k, v in out.fusion.stats.items()})
             diag.update(neighbour_stats(res, targets.cpu().numpy(), used))
             diag["retrieval_temperature"] = float(ret.temperature.mean())
             if gate_quality is not None:
                 diag["loss_gated"] = float((gate_quality < ra.loss_gate_threshold).float().mean())
-            means.add(diag, n)
+            if n:
+                means.add(diag, n)
             n_seen += n
             steps += 1
         batches.close()
         seconds = time.perf_counter() - start
+        if self.world.size > 1:  # per-rank sums -> the global batches' numbers
+            means.sums, means.counts = distributed.sum_over_ranks(means.sums), distributed.sum_over_ranks(means.counts)
+            n_seen = int(sum(distributed.gather_objects(n_seen)))
         stats = means.result()
         stats["loss"] = sum(v for k, v in stats.items() if k.startswith("loss_") and k != "loss_gated")
         stats.update(seconds=seconds, samples=n_seen, steps=steps, enhanced_weight=enhanced_weight)
@@ -486,7 +509,8 @@ class RATrainer:
         epoch0 = self.start_epoch - 1
         self.bank_fresh = False  # the bank's keys were encoded with the current weights
         if self.start_epoch == 0 and self.ra.retriever_warmup_epochs > 0:
-            self.warmup_history = self.warm_up()
+            self.warmup_history = distributed.run_on_main(self.warm_up)  # once; then rank 0's retriever and rng
+            distributed.sync_from_main(self.model.retriever, self.rng)
         for epoch0 in range(self.start_epoch, self.ra.epochs):
             if self.stopped:
                 break
@@ -511,8 +535,11 @@ class RATrainer:
                 t1 = time.perf_counter()
                 valid_bank = self.bank
                 check_bank(valid_bank.users, valid_bank.positions, *self.eval_sets["valid"][:2], "valid")
-            else:
+            elif self.world.is_main:
                 valid_bank = self.eval_bank("valid")
+            if not self.world.is_main:  # rank 0 evaluates, writes and decides to stop; the others follow
+                self.stopped = distributed.broadcast_object(None)
+                continue
             with_r, without_r = self.dual_evaluate("valid", valid_bank)
             diagnostics = self.diagnose("valid", valid_bank)
             eval_seconds = time.perf_counter() - t1
@@ -542,6 +569,7 @@ class RATrainer:
             if epoch0 == 0 and self.warmup_history:
                 record["retriever_warmup"] = self.warmup_history
             append_jsonl(self.out / "metrics.jsonl", record)
+            self.scalars.write(record, step=epoch0)
             log.info("ra epoch %d  loss %.4f  alpha %.3f  valid NDCG@10 %.4f with / %.4f without retrieval  "
                      "(%.0f s)", epoch0, stats["loss"], stats.get("alpha_mean", float("nan")), score,
                      without_r.metrics["NDCG@10"], record["seconds"]["epoch"])
@@ -551,8 +579,9 @@ class RATrainer:
             elif time.perf_counter() > deadline:
                 log.info("stopping: train.max_minutes=%s reached", self.cfg.train.max_minutes)
                 self.stopped = True
+            distributed.broadcast_object(self.stopped)  # rank 0's side of the broadcast the others wait in
             self.save_checkpoint(epoch0)
-        return self.finish(epochs_run=epoch0 + 1)
+        return distributed.run_on_main(lambda: self.finish(epochs_run=epoch0 + 1))
 
     def finish(self, epochs_run: int) -> dict[str, Any]:
         """Reload the best epoch, evaluate valid and test both ways, write ``metrics.json`` and
@@ -652,13 +681,16 @@ class RATrainer:
 
     def cleanup(self) -> None:
         self.bank = None
+        self.scalars.close()
 
 
 def run_ra_training(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                     progress: bool | None = None) -> dict[str, Any]:
-    trainer = RATrainer(cfg, out_dir, resume=resume, progress=progress)
-    trainer.setup()
-    try:
-        return trainer.train()
-    finally:
-        trainer.cleanup()
+    """Fine-tune in this process, or, started by torchrun, as one rank of a data-parallel run."""
+    with distributed.process_group(resolve_device(cfg.train.device)):
+        trainer = RATrainer(cfg, out_dir, resume=resume, progress=progress)
+        trainer.setup()
+        try:
+            return trainer.train()
+        finally:
+            trainer.cleanup()

@@ -163,3 +163,20 @@ def test_torchrun_resume_continues_to_the_same_weights(tmp_path, inter_path, sin
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     torchrun(out, ["train.epochs=2"], "--resume")  # the rest of the config comes from out/config.yaml
     assert_same_training(out, single_run)
+
+
+@pytest.mark.slow
+def test_torchrun_retrieval_augmented_stage(tmp_path, inter_path, single_run):
+    """Stage 2 under torchrun: rank 0 encodes each bank and shares the keys; one set of files."""
+    out = tmp_path / "ra"
+    res = torchrun(out, overrides(inter_path, "ra.enabled=true", f"ra.pretrained={single_run}", "ra.epochs=1",
+                                  "ra.k=5"))
+    assert res.stdout.count('"best_epoch"') == 1
+    assert res.stderr.count("ra epoch 0 ") == 1  # rank 0 evaluates and logs; rank 1 only trains
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    n_examples = len(leave_one_out(load_dataset(inter_path)).train_users)
+    assert len(lines) == 1 and json.loads(lines[0])["train"]["samples"] == n_examples  # each example once
+    final = json.loads((out / "metrics.json").read_text())
+    assert {"with_retrieval", "without_retrieval"} <= set(final["test"])
+    expected = RUN_FILES | {"ra.pt", "ranks.npz"} | ({"tb"} if tensorboard_available() else set())
+    assert {p.name for p in out.iterdir()} == expected
