@@ -1,274 +1,316 @@
-"""HTTP load benchmark of the service: POST /v1/recommend against GET /healthz, over loopback.
+"""HTTP load benchmark of the service over loopback: what issue #5 asks of it, in one run.
 
-    python bench/serve_load.py --run runs/faithful --concurrency 16 --seconds 15 \\
-        --compare-batching --json /tmp/serve_load.json
+    python bench/serve_load.py --run runs/faithful-ra --concurrency 16 --seconds 15 \\
+        --compare-batching --rebuild-cycles 3 --redis-outage 5 --json /tmp/serve_load_ra.json
 
-The script starts ``ragrec serve`` itself (``python -m app.cli serve``) on a free loopback
-port, waits for /healthz, then drives it from a SEPARATE process (``--client-procs``
-processes, spawned): ``--concurrency`` asyncio clients, each with its own keep-alive
-``httpx.AsyncClient``, send requests back to back for ``--seconds`` seconds (and at most
-``--max-requests`` per phase). Every recommend request is a fresh random sequence of 5–50
-distinct valid item ids from the run's items.json, so the service's answer cache almost never
-hits. Phases, each after a short unrecorded warm-up:
+The script starts ``ragrec serve`` itself (``python -m app.cli serve``, bench/serve_procs.py) on
+a free loopback port, waits for /healthz, then drives it from a SEPARATE process
+(``--client-procs`` processes, spawned; bench/serve_loadgen.py): ``--concurrency`` asyncio clients
+with keep-alive connections send requests back to back. A recommend request carries a fresh random sequence of 5–50 distinct valid
+item ids from the run's items.json (``use_retrieval`` true), so the answer cache almost never
+hits. Every server start uses one index directory (``--index-dir``, default a temporary one, so
+the run directory is never written): a retrieval run's first start builds the index (tens of
+seconds on ML-100K), later starts load it. Phases, each after a short unrecorded warm-up:
 
-  healthz     GET /healthz (the ceiling: routing, middleware and HTTP, no model)
-  recommend   POST /v1/recommend with micro-batching as configured (default settings)
-  recommend   again on a second server start with micro-batching off
-              (RAGREC_BATCH_MAX_SIZE=1, RAGREC_BATCH_WAIT_MS=0), with --compare-batching
+  healthz                    GET /healthz (the ceiling: routing, middleware and HTTP, no model)
+  recommend (batching on)    POST /v1/recommend, micro-batching as configured (default settings)
+  recommend during rebuilds  with --rebuild-cycles N: the same load while the script runs N
+                             rebuild-and-swap cycles one after another (POST /v1/index/rebuild
+                             with the API key, poll GET /v1/jobs/{id}, check GET /v1/index serves
+                             the new version). p99 of the requests in flight during a rebuild
+                             window is compared with p99 of "recommend (batching on)".
+  recommend (batching off)   with --compare-batching: a second server start with
+                             RAGREC_BATCH_MAX_SIZE=1, RAGREC_BATCH_WAIT_MS=0
+  mixed with redis outage    with --redis-outage S: a third start on a private redis-server
+                             (loopback, free port, no persistence); events are posted for
+                             --outage-users new users, then a load mixing item-carrying requests
+                             and history-only ones ({"user_id"}) runs while Redis is stopped for
+                             S seconds and started again on the same port. Redis comes back
+                             empty: the script checks that history-only requests then answer 200
+                             with the "popular" fallback, re-posts the events and checks that the
+                             stored histories are used again.
 
-Reported per phase: requests/s, p50/p90/p99/max latency (client side, ms), errors, the CPU
-seconds the server and the load generator used, and for recommend the mean micro-batch size
-(from /metrics). Client and server share the machine's cores, so on a small machine the load
-generator's own CPU use caps the /healthz figure; the CPU columns show by how much.
-The server is always terminated (try/finally, also on SIGTERM). Only loopback addresses.
+Reported per phase: requests/s, p50/p90/p99/max latency (client side, ms), errors (any answer
+but 200, so the mixed phase counts its expected 503s), the CPU seconds the server (with its rebuild
+subprocesses) and the load generator used, the 1-minute load average at its start, and
+for recommend the mean micro-batch size (from /metrics). Then each target of the issue with its
+figure and PASS/MISS: p50 <= 5 ms, p99 <= 25 ms, throughput >= 40% of /healthz, zero failed
+requests; >= 3 rebuild-and-swap cycles, p99 during swaps <= 2x baseline; during the outage,
+item-carrying requests 200, history-only 503 (never 500), /readyz 503 "degraded" and 200 again
+after. Client and server share the machine's cores, so on a small machine the load generator's
+own CPU use caps the /healthz figure (the CPU columns show by how much), and other work on the
+machine moves every figure: the load average before and after is reported.
+Servers and redis-server are always stopped (try/finally, also on SIGTERM). Only loopback addresses.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import ipaddress
 import json
 import os
 import platform
 import random
-import resource
+import secrets
+import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import httpx
+from serve_loadgen import (
+    MAX_LEN,
+    MIN_LEN,
+    LoadSpec,
+    Record,
+    latency_summary,
+    load_worker,
+    now,
+    overlaps,
+    status_counts,
+    summarize,
+    within,
+)
+from serve_procs import RedisServer, Server
 
-REPO = Path(__file__).resolve().parents[1]
 BATCHING_OFF = {"RAGREC_BATCH_MAX_SIZE": "1", "RAGREC_BATCH_WAIT_MS": "0"}
-TARGETS = {"p50_ms": 5.0, "p99_ms": 25.0, "throughput_ratio": 0.40}  # from the issue
-MIN_LEN, MAX_LEN = 5, 50
-
-
-# ------------------------------------------------------------------------------------ statistics
-
-
-def percentile(sorted_xs: list[float], q: float) -> float:
-    """Linear-interpolation percentile (q in [0, 100]) of an ascending list; NaN when empty."""
-    if not sorted_xs:
-        return float("nan")
-    pos = (len(sorted_xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
-
-
-def summarize(latencies_s: list[float], errors: int, elapsed_s: float) -> dict[str, Any]:
-    xs = sorted(latencies_s)
-    ms = [x * 1000 for x in xs]
-    return {
-        "ok": len(xs),
-        "errors": errors,
-        "elapsed_s": round(elapsed_s, 3),
-        "rps": round(len(xs) / elapsed_s, 1) if elapsed_s > 0 else 0.0,
-        "p50_ms": round(percentile(ms, 50), 2),
-        "p90_ms": round(percentile(ms, 90), 2),
-        "p99_ms": round(percentile(ms, 99), 2),
-        "max_ms": round(ms[-1], 2) if ms else float("nan"),
-        "mean_ms": round(sum(ms) / len(ms), 2) if ms else float("nan"),
-    }
-
-
-# ------------------------------------------------------------------------------------ load generator
-# Runs in child processes: everything here must be importable and picklable under "spawn".
-
-
-async def _client(base_url: str, kind: str, items: list[str], seed: int, deadline: float,
-                  budget: list[int], timeout_s: float, k: int,
-                  lat: list[float], errs: dict[str, int]) -> None:
-    rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False) as c:
-        while time.perf_counter() < deadline and budget[0] > 0:
-            budget[0] -= 1
-            if kind == "healthz":
-                send = c.get("/healthz")
-            else:
-                seq = rng.sample(items, rng.randint(MIN_LEN, MAX_LEN))
-                send = c.post("/v1/recommend", json={"items": seq, "k": k, "use_retrieval": True})
-            t0 = time.perf_counter()
-            try:
-                r = await send
-                dt = time.perf_counter() - t0
-                if r.status_code == 200:
-                    lat.append(dt)
-                else:
-                    errs[f"http {r.status_code}"] = errs.get(f"http {r.status_code}", 0) + 1
-            except httpx.HTTPError as e:
-                errs[type(e).__name__] = errs.get(type(e).__name__, 0) + 1
-
-
-async def _drive(base_url: str, kind: str, items: list[str], concurrency: int, seconds: float,
-                 max_requests: int, timeout_s: float, k: int, seed: int) -> dict[str, Any]:
-    lat: list[float] = []
-    errs: dict[str, int] = {}
-    budget = [max_requests]  # one event loop: a plain shared counter is enough
-    start = time.perf_counter()
-    deadline = start + seconds
-    await asyncio.gather(*(_client(base_url, kind, items, seed * 1000 + i, deadline, budget, timeout_s, k,
-                                   lat, errs) for i in range(concurrency)))
-    return {"latencies": lat, "errors": errs, "elapsed_s": time.perf_counter() - start}
-
-
-def load_worker(base_url: str, kind: str, items: list[str], concurrency: int, seconds: float,
-                max_requests: int, timeout_s: float, k: int, seed: int) -> dict[str, Any]:
-    """One load-generator process: its share of the clients, plus its own CPU time."""
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    out = asyncio.run(_drive(base_url, kind, items, concurrency, seconds, max_requests, timeout_s, k, seed))
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    out["cpu_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    return out
-
-
-# ------------------------------------------------------------------------------------ server
-
-
-def free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def proc_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux /proc), None where unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-class Server:
-    """``python -m app.cli serve`` in its own process group; stop() always takes it down."""
-
-    def __init__(self, run: Path, host: str, env_extra: dict[str, str], log_dir: Path, tag: str) -> None:
-        self.run, self.host, self.env_extra = run, host, env_extra
-        self.log_path = log_dir / f"server-{tag}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def base_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self, timeout_s: float = 120.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGREC_")} | self.env_extra
-        for attempt in range(3):  # the free port can be taken between probe and bind
-            self.port = free_port(self.host)
-            cmd = [sys.executable, "-m", "app.cli", "serve", "--run", str(self.run),
-                   "--host", self.host, "--port", str(self.port)]
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
-            if self._wait_healthy(timeout_s):
-                return
-            self.stop()
-            if attempt == 2:
-                break
-        raise RuntimeError(f"server did not become healthy; log {self.log_path}:\n{self.log_tail()}")
-
-    def _wait_healthy(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(base_url=self.base_url, timeout=2.0, trust_env=False) as c:
-            while time.monotonic() < deadline:
-                if self.proc is None or self.proc.poll() is not None:
-                    return False
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        return True
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        return False
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def cpu_s(self) -> float | None:
-        return proc_cpu_s(self.proc.pid) if self.proc is not None else None
-
-    def batch_stats(self) -> tuple[float, float] | None:
-        """(sum, count) of the ragrec_inference_batch_size histogram from /metrics."""
-        try:
-            with httpx.Client(base_url=self.base_url, timeout=5.0, trust_env=False) as c:
-                text = c.get("/metrics").text
-        except httpx.HTTPError:
-            return None
-        vals: dict[str, float] = {}
-        for line in text.splitlines():
-            for key in ("ragrec_inference_batch_size_sum", "ragrec_inference_batch_size_count"):
-                if line.startswith(key + " ") or line.startswith(key + "{"):
-                    vals[key] = vals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-        if len(vals) != 2:
-            return None
-        return vals["ragrec_inference_batch_size_sum"], vals["ragrec_inference_batch_size_count"]
-
-    def stop(self) -> None:
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(p.pid, sig)  # the server's own group (start_new_session): uvicorn and any workers
-            except ProcessLookupError:
-                return
-            try:
-                p.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+TARGETS = {"p50_ms": 5.0, "p99_ms": 25.0, "throughput_ratio": 0.40,  # from the issue
+           "rebuild_cycles": 3, "swap_p99_ratio": 2.0}
+BASELINE = "recommend (batching on)"  # the phase the rebuild phase's p99 is compared with
 
 
 # ------------------------------------------------------------------------------------ phases
 
 
-def run_phase(pool: ProcessPoolExecutor, server: Server, kind: str, items: list[str],
-              args: argparse.Namespace, seed: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def serving(server: Server, args: argparse.Namespace, info: dict[str, Any], items: list[str]) -> Iterator[Server]:
+    """Start ``server``, note its start time, index and a probe answer in ``info``; always stop it."""
+    try:
+        t0 = time.perf_counter()
+        server.start(args.start_timeout)
+        info["start_s"] = round(time.perf_counter() - t0, 1)
+        with server.client() as c:
+            info["index"] = c.get("/v1/index").json()
+            r = c.post("/v1/recommend", json={"items": items[:MIN_LEN], "k": args.k, "use_retrieval": True})
+            body = r.json()
+            info["probe"] = {"status": r.status_code, "retrieval_used": body.get("retrieval_used"),
+                             "index_version": body.get("index_version"), "fallback": body.get("fallback")}
+        print(f"[{server.tag}] server up on {server.base_url} in {info['start_s']}s; index "
+              f"{info['index'].get('version')} size {info['index'].get('size')}; probe {info['probe']}",
+              file=sys.stderr)
+        yield server
+    finally:
+        server.stop()
+
+
+def run_phase(pool: ProcessPoolExecutor, server: Server, kind: str, items: list[str], args: argparse.Namespace,
+              seed: int, *, users: tuple[str, ...] = (), during: Callable[[], Any] | None = None
+              ) -> tuple[dict[str, Any], list[Record], Any]:
+    """One measured load phase: (summary, per-request records, what ``during`` returned).
+
+    Without ``during`` the load lasts --seconds; with it, the load runs until ``during()`` (called
+    in this process while the load runs) returns, capped at --max-phase-seconds."""
     procs = args.client_procs
     shares = [args.concurrency // procs + (i < args.concurrency % procs) for i in range(procs)]
     shares = [s for s in shares if s > 0]
+
+    def specs(seconds: float, max_requests: int, seed0: int, stop_file: str | None = None) -> list[LoadSpec]:
+        return [LoadSpec(server.base_url, kind, items, s, seconds, max_requests, args.timeout, args.k, seed0 + i,
+                         users=users, history_share=args.history_share, stop_file=stop_file)
+                for i, s in enumerate(shares)]
+
     if args.warmup > 0:  # unrecorded: connections, allocator, first batches
-        warm = [pool.submit(load_worker, server.base_url, kind, items, s, args.warmup, args.max_requests,
-                            args.timeout, args.k, seed + 99 + i) for i, s in enumerate(shares)]
-        for f in warm:
+        for f in [pool.submit(load_worker, s) for s in specs(args.warmup, args.max_requests, seed + 99)]:
             f.result()
-    cpu0, bs0 = server.cpu_s(), server.batch_stats() if kind == "recommend" else None
-    futs = [pool.submit(load_worker, server.base_url, kind, items, s, args.seconds,
-                        max(1, args.max_requests // len(shares)), args.timeout, args.k, seed + i)
-            for i, s in enumerate(shares)]
+    stop_file = None
+    if during is not None:
+        stop_file = str(server.log_path.with_name(f"stop-{secrets.token_hex(4)}"))
+    recommend = kind != "healthz"
+    cpu0, bs0, load0 = server.cpu_s(), server.batch_stats() if recommend else None, os.getloadavg()[0]
+    seconds = args.seconds if during is None else args.max_phase_seconds
+    futs = [pool.submit(load_worker, s)
+            for s in specs(seconds, max(1, args.max_requests // len(shares)), seed, stop_file)]
+    extra = None
+    try:
+        if during is not None:
+            extra = during()
+    finally:
+        if stop_file is not None:
+            Path(stop_file).touch()  # ends the load, also when during() failed
     parts = [f.result() for f in futs]
-    cpu1, bs1 = server.cpu_s(), server.batch_stats() if kind == "recommend" else None
-    lat = [x for p in parts for x in p["latencies"]]
-    errs: dict[str, int] = {}
-    for p in parts:
-        for key, n in p["errors"].items():
-            errs[key] = errs.get(key, 0) + n
-    res = summarize(lat, sum(errs.values()), max(p["elapsed_s"] for p in parts))
-    res["error_kinds"] = errs
+    cpu1, bs1 = server.cpu_s(), server.batch_stats() if recommend else None
+    records = [r for p in parts for r in p["records"]]
+    lat = [r[1] for r in records if r[2] == 200]
+    res = summarize(lat, len(records) - len(lat), max(p["elapsed_s"] for p in parts))
+    res["error_kinds"] = {s: n for s, n in status_counts(records).items() if s != "200"}
     res["server_cpu_s"] = round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None
     res["client_cpu_s"] = round(sum(p["cpu_s"] for p in parts), 2)
+    res["loadavg_1m_at_start"] = round(load0, 2)
     if bs0 is not None and bs1 is not None and bs1[1] > bs0[1]:
         res["forward_passes"] = int(bs1[1] - bs0[1])
         res["mean_batch_size"] = round((bs1[0] - bs0[0]) / (bs1[1] - bs0[1]), 2)
-    return res
+    return res, records, extra
+
+
+def rebuild_once(c: httpx.Client, timeout_s: float) -> dict[str, Any]:
+    """POST /v1/index/rebuild, poll the job until it ends, read the served version. Times are
+    CLOCK_MONOTONIC: [start, end] is the window in which requests count as "during a rebuild"."""
+    out: dict[str, Any] = {"start": now()}
+    try:
+        before = c.get("/v1/index").json().get("version")
+        out["version_before"] = before
+        for _ in range(10):  # 409: a rebuild is already running (another replica, a schedule)
+            r = c.post("/v1/index/rebuild")
+            if r.status_code != 409:
+                break
+            time.sleep(2.0)
+        if r.status_code != 202:
+            out.update(status="refused", error=f"POST /v1/index/rebuild -> {r.status_code}: {r.text[:500]}")
+            return out
+        job = r.json()
+        out["job_id"] = job["job_id"]
+        while job.get("status") in ("queued", "running") and now() - out["start"] < timeout_s:
+            time.sleep(0.25)
+            r = c.get(f"/v1/jobs/{out['job_id']}")
+            if r.status_code != 200:
+                out.update(status="poll failed", error=f"GET /v1/jobs/{out['job_id']} -> {r.status_code}: "
+                                                       f"{r.text[:500]}")
+                return out
+            job = r.json()
+        out["end"] = now()
+        after = c.get("/v1/index").json().get("version")
+        result = job.get("result") or {}
+        out.update(status=job.get("status", "?") if job.get("status") not in ("queued", "running") else "timeout",
+                   error=job.get("error"), version_after=after, job_version=result.get("version"),
+                   job_s=result.get("seconds"), wall_s=round(out["end"] - out["start"], 2))
+        out["swapped"] = after is not None and after != before and after == result.get("version", after)
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        out.update(status="error", error=f"{type(e).__name__}: {e}")
+    finally:
+        out.setdefault("end", now())
+    return out
+
+
+def rebuild_phase(pool: ProcessPoolExecutor, server: Server, items: list[str], args: argparse.Namespace,
+                  baseline: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recommend load while --rebuild-cycles rebuild-and-swap cycles run back to back."""
+    def cycles() -> list[dict[str, Any]]:
+        out = []
+        with server.client() as c:
+            time.sleep(args.quiet)  # a few requests without a rebuild, inside the phase too
+            for i in range(args.rebuild_cycles):
+                out.append(rebuild_once(c, args.rebuild_timeout))
+                cyc = out[-1]
+                print(f"[rebuild {i + 1}/{args.rebuild_cycles}] {cyc['status']} in {cyc.get('wall_s')}s: "
+                      f"{cyc.get('version_before')} -> {cyc.get('version_after')}"
+                      + (f"  error: {cyc['error']}" if cyc.get("error") else ""), file=sys.stderr)
+            time.sleep(args.quiet)
+        return out
+
+    res, records, cyc = run_phase(pool, server, "recommend", items, args, args.seed + 7, during=cycles)
+    windows = [(c["start"], c["end"]) for c in cyc]
+    in_swap = [r for r in records if overlaps(r, windows)]
+    origin = min([r[0] for r in records] + [w[0] for w in windows])
+    during = latency_summary(in_swap)
+    ratio = during["p99_ms"] / baseline["p99_ms"] if baseline.get("p99_ms") else float("nan")
+    rebuilds = {
+        "cycles": [{k: v for k, v in c.items() if k not in ("start", "end")}
+                   | {"start_s": round(c["start"] - origin, 2), "end_s": round(c["end"] - origin, 2)} for c in cyc],
+        "succeeded": sum(1 for c in cyc if c["status"] == "succeeded" and c.get("swapped")),
+        "versions_served": [cyc[0].get("version_before")] + [c.get("version_after") for c in cyc] if cyc else [],
+        "rebuild_job_s": [c.get("job_s") for c in cyc],
+        "rebuild_wall_s": [c.get("wall_s") for c in cyc],
+        "requests_during_rebuilds": during,
+        "requests_outside_rebuilds": latency_summary([r for r in records if not overlaps(r, windows)]),
+        "baseline_phase": BASELINE,
+        "baseline_p99_ms": baseline.get("p99_ms"),
+        "p99_ratio": round(ratio, 3),
+        "failed_requests": res["errors"],
+    }
+    return res, rebuilds
+
+
+def outage_phase(pool: ProcessPoolExecutor, server: Server, redis: RedisServer, items: list[str],
+                 args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Events for new users, then a mixed load while Redis is stopped for --redis-outage seconds."""
+    rng = random.Random(args.seed)
+    users = tuple(f"bench-user-{i}" for i in range(args.outage_users))  # not in the training data
+    events = [{"user_id": u, "item_id": item, "timestamp": 1_000_000 + j}
+              for u in users for j, item in enumerate(rng.sample(items, 10))]
+
+    def history_only(c: httpx.Client) -> dict[str, Any]:
+        r = c.post("/v1/recommend", json={"user_id": users[0], "k": args.k})
+        return {"status": r.status_code, "fallback": r.json().get("fallback") if r.status_code == 200 else None,
+                "detail": None if r.status_code == 200 else r.text[:300]}
+
+    with server.client() as c:
+        r = c.post("/v1/events", json=events)
+        setup = {"users": len(users), "events": len(events), "post_status": r.status_code, "post": r.json(),
+                 "history_only_before": history_only(c)}
+
+    def outage() -> dict[str, Any]:
+        out: dict[str, Any] = {"readyz_during": []}
+        with server.client(5.0) as c:
+            time.sleep(args.quiet)
+            out["stopping_at"] = now()
+            redis.stop()
+            out["down_at"] = now()  # the process has exited
+            print(f"[outage] redis stopped for {args.redis_outage:g}s", file=sys.stderr)
+            while (left := args.redis_outage - (now() - out["down_at"])) > 0:
+                r = c.get("/readyz")
+                out["readyz_during"].append({"t_s": round(now() - out["down_at"], 2), "status": r.status_code,
+                                             "body_status": r.json().get("status")})
+                time.sleep(min(0.5, left))
+            out["history_only_during"] = history_only(c)
+            out["restart_at"] = now()
+            redis.start()
+            out["up_at"] = now()
+            while now() - out["up_at"] < args.recovery_timeout:
+                if c.get("/readyz").status_code == 200:
+                    out["ready_after_s"] = round(now() - out["up_at"], 3)
+                    break
+                time.sleep(0.05)
+            out["ready_at"] = out["up_at"] + out.get("ready_after_s", args.recovery_timeout)
+            print(f"[outage] redis back; /readyz 200 after {out.get('ready_after_s')}s", file=sys.stderr)
+            # Redis restarted empty: the users' events are gone until posted again.
+            out["history_only_after_restart"] = history_only(c)
+            r = c.post("/v1/events", json=events)
+            out["repost_status"], out["repost"] = r.status_code, r.json()
+            out["history_only_after_repost"] = history_only(c)
+            time.sleep(args.quiet)
+        return out
+
+    res, records, out = run_phase(pool, server, "mixed", items, args, args.seed + 11, users=users, during=outage)
+    stopping, down, restart = out["stopping_at"], out["down_at"], out["restart_at"]
+    up, ready = out["up_at"], out["ready_at"]
+    inside = [r for r in records if within(r, down, restart)]
+    history_after = sorted((r for r in records if r[3] == "history" and r[0] >= up), key=lambda r: r[0])
+    first_ok = next((r for r in history_after if r[2] == 200), None)
+    report = {
+        "setup": setup,
+        "outage_s": round(restart - down, 2),
+        "items_during": latency_summary([r for r in inside if r[3] == "items"]),
+        "history_during": latency_summary([r for r in inside if r[3] == "history"]),
+        "straddling": status_counts([r for r in records  # the rest: in flight while Redis stopped or came back
+                                     if overlaps(r, [(stopping, ready)]) and not within(r, down, restart)]),
+        # requests that ended before Redis was told to stop, or started once /readyz said 200 again
+        "outside": latency_summary([r for r in records if r[0] + r[1] <= stopping or r[0] >= ready]),
+        "server_errors": sum(1 for r in records if isinstance(r[2], int) and r[2] >= 500 and r[2] != 503),
+        "readyz_during": out["readyz_during"],
+        "ready_after_s": out.get("ready_after_s"),
+        "history_ok_after_up_s": round(first_ok[0] + first_ok[1] - up, 3) if first_ok else None,
+        "history_after_ready": latency_summary([r for r in history_after if r[0] >= ready]),
+        **{k: out[k] for k in ("history_only_during", "history_only_after_restart", "repost_status", "repost",
+                               "history_only_after_repost")},
+    }
+    return res, report
 
 
 def load_items(run: Path) -> list[str]:
@@ -276,8 +318,6 @@ def load_items(run: Path) -> list[str]:
     if isinstance(data, dict) and "tokens" in data:
         pad = data.get("pad")
         toks = [str(t) for t in data["tokens"] if t != pad]
-    elif isinstance(data, dict):
-        toks = [str(t) for t in data]
     else:
         toks = [str(t) for t in data]
     toks = [t for t in toks if t and not (t.startswith("[") and t.endswith("]"))]  # special tokens
@@ -289,33 +329,103 @@ def load_items(run: Path) -> list[str]:
 # ------------------------------------------------------------------------------------ report
 
 
+def check(name: str, value: Any, target: str, ok: bool) -> dict[str, Any]:
+    return {"check": name, "value": value, "target": target, "result": "PASS" if ok else "MISS"}
+
+
+def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of issue #5 this run measured, with its figure."""
+    out = []
+    phases, hz = report["phases"], report["phases"]["healthz"]["rps"]
+    for tag, srv in report["servers"].items():
+        probe = srv.get("probe", {})
+        out.append(check(f"[{tag}] retrieval used", probe.get("retrieval_used"), "true",
+                         probe.get("retrieval_used") is True))
+    for name, r in phases.items():
+        if name.startswith("recommend (batching"):
+            ratio = r["rps"] / hz if hz else float("nan")
+            out += [check(f"{name} p50 ms", r["p50_ms"], f"<= {TARGETS['p50_ms']:g}", r["p50_ms"] <= TARGETS["p50_ms"]),
+                    check(f"{name} p99 ms", r["p99_ms"], f"<= {TARGETS['p99_ms']:g}", r["p99_ms"] <= TARGETS["p99_ms"]),
+                    check(f"{name} throughput / healthz", round(ratio, 3), f">= {TARGETS['throughput_ratio']:.2f}",
+                          ratio >= TARGETS["throughput_ratio"]),
+                    check(f"{name} failed requests", r["errors"], "0", r["errors"] == 0)]
+    if (rb := report.get("rebuilds")) is not None:
+        out += [check("rebuild-and-swap cycles succeeded", rb["succeeded"], f">= {TARGETS['rebuild_cycles']}",
+                      rb["succeeded"] >= TARGETS["rebuild_cycles"] and rb["succeeded"] == len(rb["cycles"])),
+                check("failed requests during rebuild phase", rb["failed_requests"], "0", rb["failed_requests"] == 0),
+                check("p99 during swaps / baseline p99", rb["p99_ratio"], f"<= {TARGETS['swap_p99_ratio']:g}",
+                      rb["p99_ratio"] <= TARGETS["swap_p99_ratio"])]
+    if (o := report.get("outage")) is not None:
+        items, hist = o["items_during"], o["history_during"]
+        ready = o["readyz_during"]
+        degraded = sum(1 for x in ready if x["status"] == 503 and x["body_status"] == "degraded")
+        hist_ok = o["history_only_after_repost"]
+        out += [check("outage: item-carrying requests 200", items["statuses"], "all 200",
+                      items["requests"] > 0 and items["errors"] == 0),
+                check("outage: history-only requests 503", hist["statuses"], "all 503",
+                      hist["requests"] > 0 and set(hist["statuses"]) == {"503"}),
+                check("outage phase: 5xx other than 503", o["server_errors"], "0", o["server_errors"] == 0),
+                check("before/after the outage: all requests 200", o["outside"]["statuses"], "all 200",
+                      o["outside"]["requests"] > 0 and o["outside"]["errors"] == 0),
+                check("outage: /readyz 503 degraded", f"{degraded}/{len(ready)} polls", "every poll",
+                      bool(ready) and degraded == len(ready)),
+                check("after: /readyz 200 again (s after Redis up)", o["ready_after_s"], "by itself",
+                      o["ready_after_s"] is not None),
+                check("after: history-only requests 200", o["history_after_ready"]["statuses"], "all 200",
+                      o["history_after_ready"]["requests"] > 0 and o["history_after_ready"]["errors"] == 0),
+                check("after: re-posted events used again (fallback)", hist_ok["fallback"], "null",
+                      hist_ok["status"] == 200 and hist_ok["fallback"] is None)]
+    return out
+
+
 def fmt_row(name: str, r: dict[str, Any]) -> str:
     mb = f"{r['mean_batch_size']:.1f}" if "mean_batch_size" in r else "-"
     scpu = f"{r['server_cpu_s']:.1f}" if r.get("server_cpu_s") is not None else "-"
-    return (f"{name:<25} {r['rps']:>8.1f} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-            f"{r['max_ms']:>7.1f} {r['ok']:>7d} {r['errors']:>5d} {mb:>6} {scpu:>6} {r['client_cpu_s']:>6.1f}")
+    return (f"{name:<26} {r['rps']:>8.1f} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+            f"{r['max_ms']:>7.1f} {r['ok']:>7d} {r['errors']:>5d} {mb:>6} {scpu:>6} {r['client_cpu_s']:>6.1f} "
+            f"{r['loadavg_1m_at_start']:>5.2f}")
 
 
 def print_report(report: dict[str, Any]) -> None:
-    c = report["config"]
+    c, m = report["config"], report["machine"]
     print(f"\nserve_load: {c['run']}  concurrency={c['concurrency']} seconds={c['seconds']} "
-          f"client_procs={c['client_procs']} cpus={report['machine']['cpus']}")
-    print(f"{'phase':<25} {'req/s':>8} {'p50ms':>7} {'p90ms':>7} {'p99ms':>7} {'maxms':>7} "
-          f"{'ok':>7} {'err':>5} {'batch':>6} {'srvCPU':>6} {'cliCPU':>6}")
+          f"client_procs={c['client_procs']} cpus={m['cpus']}")
+    print(f"{'phase':<26} {'req/s':>8} {'p50ms':>7} {'p90ms':>7} {'p99ms':>7} {'maxms':>7} "
+          f"{'ok':>7} {'err':>5} {'batch':>6} {'srvCPU':>6} {'cliCPU':>6} {'load':>5}")
     for name, r in report["phases"].items():
         print(fmt_row(name, r))
-    hz = report["phases"]["healthz"]["rps"]
-    for name, r in report["phases"].items():
-        if not name.startswith("recommend"):
-            continue
-        ratio = r["rps"] / hz if hz else float("nan")
-        checks = [("p50", r["p50_ms"] <= TARGETS["p50_ms"]), ("p99", r["p99_ms"] <= TARGETS["p99_ms"]),
-                  ("ratio", ratio >= TARGETS["throughput_ratio"]), ("errors", r["errors"] == 0)]
-        print(f"{name}: throughput recommend/healthz = {ratio:.2f}   targets (p50<=5ms, p99<=25ms, ratio>=0.40): "
-              + " ".join(f"{k}={'ok' if ok else 'MISS'}" for k, ok in checks))
+    if (rb := report.get("rebuilds")) is not None:
+        d, o = rb["requests_during_rebuilds"], rb["requests_outside_rebuilds"]
+        print(f"rebuilds: versions {' -> '.join(str(v) for v in rb['versions_served'])}; "
+              f"job s {rb['rebuild_job_s']}, wall s {rb['rebuild_wall_s']}")
+        print(f"  in flight during a rebuild: {d['requests']} requests, p50 {d['p50_ms']} p99 {d['p99_ms']} ms; "
+              f"outside: {o['requests']}, p99 {o['p99_ms']} ms; baseline p99 {rb['baseline_p99_ms']} ms")
+    if (o := report.get("outage")) is not None:
+        print(f"redis outage {o['outage_s']}s: items {o['items_during']['statuses']} "
+              f"(p50 {o['items_during']['p50_ms']} p99 {o['items_during']['p99_ms']} ms), "
+              f"history-only {o['history_during']['statuses']}, straddling {o['straddling']}")
+        print(f"  after: /readyz 200 {o['ready_after_s']}s after Redis up, first history-only 200 "
+              f"{o['history_ok_after_up_s']}s after; Redis came back empty: history-only fallback "
+              f"{o['history_only_after_restart']['fallback']!r} before re-posting the events, "
+              f"{o['history_only_after_repost']['fallback']!r} after")
+    print("\ntargets:")
+    for x in report["checks"]:
+        print(f"  {x['result']:<4}  {x['check']:<48} {x['value']!s:<28} (target {x['target']})")
+    print(f"machine load (1/5/15 min): before {m['loadavg_before']}, after {m['loadavg_after']} on {m['cpus']} cpus")
 
 
 # ------------------------------------------------------------------------------------ main
+
+
+def json_safe(x: Any) -> Any:
+    """NaN (an empty subset's percentile) as null, so the report is strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -323,7 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--run", type=Path, required=True, help="finished run directory to serve")
     ap.add_argument("--host", default="127.0.0.1", help="loopback address only (127.0.0.1, ::1, localhost)")
     ap.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
-    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per phase")
+    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per fixed-length phase")
     ap.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each phase")
     ap.add_argument("--max-requests", type=int, default=1_000_000, help="cap on requests per phase")
     ap.add_argument("--timeout", type=float, default=10.0, help="per-request timeout in seconds")
@@ -331,6 +441,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
     ap.add_argument("--compare-batching", action="store_true",
                     help="run recommend again on a server with micro-batching off")
+    ap.add_argument("--rebuild-cycles", type=int, default=0, help="rebuild-and-swap cycles under load (0: none)")
+    ap.add_argument("--rebuild-timeout", type=float, default=600.0, help="seconds one rebuild job may take")
+    ap.add_argument("--redis-outage", type=float, default=0.0,
+                    help="seconds Redis is stopped during a mixed load (0: no Redis phase)")
+    ap.add_argument("--outage-users", type=int, default=32, help="users with posted events in the Redis phase")
+    ap.add_argument("--history-share", type=float, default=0.5, help="share of history-only requests there")
+    ap.add_argument("--recovery-timeout", type=float, default=30.0, help="wait for /readyz 200 after Redis returns")
+    ap.add_argument("--quiet", type=float, default=3.0,
+                    help="seconds of load before and after the rebuilds / the outage, inside the phase")
+    ap.add_argument("--max-phase-seconds", type=float, default=1800.0, help="cap on an open-ended phase")
+    ap.add_argument("--index-dir", type=Path, default=None,
+                    help="index versions of every server start (default: a temporary directory)")
+    ap.add_argument("--start-timeout", type=float, default=300.0,
+                    help="seconds a server start may take (the first builds the index)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the report here")
     args = ap.parse_args(argv)
@@ -341,11 +465,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--host {args.host} is not a loopback address")
     except ValueError:
         ap.error(f"--host {args.host} is not an IP address")
-    for name in ("concurrency", "max_requests", "client_procs", "k"):
+    for name in ("concurrency", "max_requests", "client_procs", "k", "outage_users"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.seconds <= 0 or args.timeout <= 0 or args.warmup < 0:
         ap.error("--seconds and --timeout must be > 0, --warmup >= 0")
+    if args.rebuild_cycles < 0 or args.redis_outage < 0 or args.quiet < 0:
+        ap.error("--rebuild-cycles, --redis-outage and --quiet must be >= 0")
+    if not 0 < args.history_share < 1:
+        ap.error(f"--history-share must be in (0, 1), got {args.history_share}")
     args.client_procs = min(args.client_procs, args.concurrency)
     args.run = args.run.resolve()
     return args
@@ -354,48 +482,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     items = load_items(args.run)
-    # SIGTERM (e.g. a CI timeout) unwinds through the finally blocks, which stop the server.
+    redis_binary = shutil.which("redis-server")
+    if args.redis_outage > 0 and redis_binary is None:
+        raise SystemExit("error: --redis-outage needs redis-server on PATH (apt-get install redis-server)")
+    # SIGTERM (e.g. a CI timeout) unwinds through the finally blocks, which stop the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    configs: list[tuple[str, dict[str, str], list[str]]] = [("batching_on", {}, ["healthz", "recommend"])]
-    if args.compare_batching:
-        configs.append(("batching_off", dict(BATCHING_OFF), ["recommend"]))
-    phases: dict[str, dict[str, Any]] = {}
-    servers_env: dict[str, dict[str, str]] = {}
-    log_dir = Path(tempfile.mkdtemp(prefix="serve_load-"))
-    with ProcessPoolExecutor(max_workers=args.client_procs, mp_context=get_context("spawn")) as pool:
-        for tag, env, kinds in configs:
-            server = Server(args.run, args.host, env, log_dir, tag)
-            servers_env[tag] = env
-            try:
-                t0 = time.perf_counter()
-                server.start()
-                print(f"[{tag}] server up on {server.base_url} in {time.perf_counter() - t0:.1f}s "
-                      f"(env {env or 'defaults'})", file=sys.stderr)
-                for kind in kinds:
-                    name = kind if kind == "healthz" else f"recommend ({tag.replace('_', ' ')})"
-                    print(f"[{tag}] {kind}: {args.warmup:g}s warm-up + {args.seconds:g}s ...", file=sys.stderr)
-                    phases[name] = run_phase(pool, server, kind, items, args, args.seed)
-                    phases[name]["server_env"] = env
-            finally:
-                server.stop()
-    report = {
+    work = Path(tempfile.mkdtemp(prefix="serve_load-"))
+    api_key = secrets.token_hex(16)
+    common = {"RAGREC_INDEX_DIR": str((args.index_dir or work / "index").resolve()), "RAGREC_API_KEY": api_key}
+    report: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "httpx": httpx.__version__},
-        "servers_env": servers_env,
+                    "httpx": httpx.__version__, "loadavg_before": [round(x, 2) for x in os.getloadavg()]},
         "targets": TARGETS,
         "sequence_length": [MIN_LEN, MAX_LEN],
-        "phases": phases,
+        "servers": {},
+        "phases": {},
     }
+    phases, servers = report["phases"], report["servers"]
+
+    def server(tag: str, env: dict[str, str]) -> Server:
+        servers[tag] = {"env": {k: v for k, v in env.items() if k != "RAGREC_API_KEY"}}
+        return Server(args.run, args.host, common | env, work, tag, api_key)
+
+    def phase(tag: str, name: str, kind: str, srv: Server) -> None:
+        print(f"[{tag}] {name}: {args.warmup:g}s warm-up + {args.seconds:g}s ...", file=sys.stderr)
+        phases[name] = run_phase(pool, srv, kind, items, args, args.seed)[0]
+
+    with contextlib.ExitStack() as cleanup, \
+            ProcessPoolExecutor(max_workers=args.client_procs, mp_context=get_context("spawn")) as pool:
+        if args.index_dir is None:  # the temporary index (~25 MB a version) goes; the logs stay
+            cleanup.callback(shutil.rmtree, work / "index", ignore_errors=True)
+        with serving(server("batching_on", {}), args, servers["batching_on"], items) as srv:
+            phase("batching_on", "healthz", "healthz", srv)
+            phase("batching_on", BASELINE, "recommend", srv)
+            if args.rebuild_cycles > 0:
+                print(f"[batching_on] {args.rebuild_cycles} rebuilds under load ...", file=sys.stderr)
+                phases["recommend during rebuilds"], report["rebuilds"] = rebuild_phase(
+                    pool, srv, items, args, phases[BASELINE])
+        if args.compare_batching:
+            with serving(server("batching_off", dict(BATCHING_OFF)), args, servers["batching_off"], items) as srv:
+                phase("batching_off", "recommend (batching off)", "recommend", srv)
+        if args.redis_outage > 0:
+            assert redis_binary is not None
+            redis = RedisServer(redis_binary, args.host, work)
+            redis.start()
+            try:
+                srv_redis = server("redis", {"RAGREC_REDIS_URL": redis.url})
+                with serving(srv_redis, args, servers["redis"], items) as srv:
+                    print(f"[redis] mixed load, Redis stopped for {args.redis_outage:g}s ...", file=sys.stderr)
+                    phases["mixed with redis outage"], report["outage"] = outage_phase(pool, srv, redis, items, args)
+            finally:
+                redis.stop()
+    report["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     hz = phases["healthz"]["rps"]
     report["throughput_ratio"] = {n: round(r["rps"] / hz, 3) if hz else None
-                                  for n, r in phases.items() if n.startswith("recommend")}
+                                  for n, r in phases.items() if n.startswith("recommend (batching")}
+    report["checks"] = checks(report)
     print_report(report)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
-    print(f"server logs: {log_dir}", file=sys.stderr)
+    print(f"server logs: {work}", file=sys.stderr)
     return 0
 
 
