@@ -121,4 +121,5 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, worker
     import uvicorn
 
     os.environ["RAGREC_RUN_DIR"] = str(run_dir)  # the workers build their app from the environment
-    uvicorn.run("app.main:app_from_env", factory=True, host=host, port=port, workers=workers)
+    access_log = Settings(run_dir=Path(run_dir)).access_log  # type: ignore[call-arg]
+    uvicorn.run("app.main:app_from_env", factory=True, host=host, port=port, workers=workers, access_log=access_log)

@@ -202,7 +202,12 @@ def _validation_message(exc: RequestValidationError) -> list[dict[str, str]]:
     return out
 
 
+_OUTAGE_LOG_INTERVAL_S = 5.0
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    outage = {"logged_at": -_OUTAGE_LOG_INTERVAL_S, "count": 0}
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _validation_message(exc)
@@ -211,6 +216,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        # at most one line per interval: an outage under load would otherwise log every request
+        now = time.monotonic()
+        outage["count"] += 1
+        if now - outage["logged_at"] >= _OUTAGE_LOG_INTERVAL_S:
+            logger.warning("%s %s: %s (%d such answers since the last report)", request.method, request.url.path,
+                           exc, outage["count"])
+            outage.update(logged_at=now, count=0)
         return JSONResponse({"detail": "the user history store is unavailable; retry later (recommendations "
                                        "for explicit items without a user_id are still served)"}, status_code=503)
