@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0)  # micro-batcher: longest wait for company after a request
     batch_max_size: int = Field(64, ge=1)  # micro-batcher: most requests in one forward pass
     device: str = "cpu"  # torch device for inference
+    torch_threads: int | None = Field(None, ge=1)  # intra-op threads for inference; None: torch's default
     access_log: bool = False  # uvicorn's line per request (costs CPU under load; the proxy usually logs)
     training_histories: bool = True  # requests by user_id start from the user's history in the run's data
     # Retrieval (runs with ra.pt): the memory bank's versions live here; None: <run_dir>/index
