@@ -180,3 +180,12 @@ def test_torchrun_retrieval_augmented_stage(tmp_path, inter_path, single_run):
     assert {"with_retrieval", "without_retrieval"} <= set(final["test"])
     expected = RUN_FILES | {"ra.pt", "ranks.npz"} | ({"tb"} if tensorboard_available() else set())
     assert {p.name for p in out.iterdir()} == expected
+    if tensorboard_available():  # the RA trainer's scalars: the record's numbers, from rank 0 only
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert len(list((out / "tb").iterdir())) == 1
+        acc = EventAccumulator(str(out / "tb"))
+        acc.Reload()
+        [event] = acc.Scalars("valid/with_retrieval/NDCG@10")
+        record = json.loads(lines[0])
+        assert (event.step, event.value) == (0, pytest.approx(record["valid"]["with_retrieval"]["NDCG@10"]))
