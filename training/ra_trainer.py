@@ -221,6 +221,7 @@ class RATrainer:
         self.usefulness = USEFULNESS[ra.usefulness]
         self.fusion_init = snapshot(self.model.fusion)
         self.retrieval_init = snapshot(self.model.retrieval)
+        self.retriever_init = snapshot(self.model.retriever)
         self.bank: Bank | None = None
         self.phase = -1
         if self.resume:
@@ -562,6 +563,7 @@ class RATrainer:
                          "quality_min": float(quality.min())},
                 "fusion_params": parameter_drift(self.model.fusion, self.fusion_init),
                 "retrieval_params": parameter_drift(self.model.retrieval, self.retrieval_init),
+                "retriever_params": parameter_drift(self.model.retriever, self.retriever_init),
                 "seconds": {"rebuild": rebuild_seconds, "train": stats["seconds"], "eval": eval_seconds,
                             "epoch": time.perf_counter() - t0},
                 "wall_seconds": time.perf_counter() - began,
@@ -641,6 +643,7 @@ class RATrainer:
             "best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
             "train_seconds": self.train_seconds, "entries": self.entries.state(), "bank": bank,
             "warmup": self.warmup_history, "fusion_init": self.fusion_init, "retrieval_init": self.retrieval_init,
+            "retriever_init": self.retriever_init,
             "torch_rng": torch.get_rng_state(), "numpy_rng": self.rng.bit_generator.state,
         }
         atomic_torch_save(blob, self.out / "last.pt")
@@ -669,6 +672,7 @@ class RATrainer:
         self.entries = BankEntries.from_state(blob["entries"])
         self.warmup_history = list(blob["warmup"])
         self.fusion_init, self.retrieval_init = blob["fusion_init"], blob["retrieval_init"]
+        self.retriever_init = blob["retriever_init"]
         if blob["bank"] is not None:  # the next epoch searches the keys of the last rebuild
             ex = blob["bank"]["examples"].numpy()
             s = self.split

@@ -109,6 +109,7 @@ def test_fusion_has_its_own_optimizer_group_and_its_weights_move(tmp_path, pretr
     change = [r["fusion_params"]["all"]["change"] for r in recs]
     assert 0 < change[0] < change[1]  # logged, and moving
     assert {"gate.weight", "gate.bias", "norm_h.weight", "all"} <= set(recs[0]["fusion_params"])
+    assert recs[0]["retriever_params"]["all"]["change"] > 0  # trained in both phases
 
 
 def test_quality_gated_loss_drops_the_enhanced_terms_under_the_threshold(tmp_path, pretrained):
