@@ -19,7 +19,7 @@ import torch
 from retriever import SearchResult
 from training.fusion import Neighbours
 from training.model import ModelConfig, SequenceEncoder
-from training.ra_model import RAModel
+from training.ra_model import RAModel, build_ra_model
 from training.ra_trainer import RA_FORMAT
 from training.run import RunError
 
@@ -39,11 +39,7 @@ def load_ra_model(path: str | Path, *, map_location: str | torch.device = "cpu")
     if not isinstance(blob, dict) or blob.get("format") != RA_FORMAT:
         raise RunError(f"{file} is not a ragrec RA model file (format "
                        f"{blob.get('format') if isinstance(blob, dict) else '?'})")
-    ra = blob["ra_config"]
-    encoder = SequenceEncoder(ModelConfig(**blob["model_config"]))
-    model = RAModel(encoder, fusion=ra["fusion"], values=ra["values"], temperature=ra["temperature_t0"],
-                    alpha_max=ra["alpha_max"], quality_threshold=ra.get("quality_threshold"),
-                    match_norm=ra.get("match_norm", True))
+    model = build_ra_model(SequenceEncoder(ModelConfig(**blob["model_config"])), blob["ra_config"])
     model.load_state_dict(blob["model"], strict=True)
     model.set_schedule(**blob["schedule"])
     return model.eval(), blob
