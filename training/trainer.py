@@ -125,9 +125,9 @@ class Trainer:
         if self.resume:
             self._load_checkpoint(self.out / "last.pt")
         self.scalars = ScalarLog(self.out / "tb", enabled=cfg.train.tensorboard and self.world.is_main)
-        log.info("data: %d users, %d items, %d training examples, %d passes per epoch (%s mode)",
+        log.info("data: %d users, %d items, %d training examples, %s per epoch (%s mode)",
                  self.data.n_users, self.data.n_items, len(self.train_targets),
-                 self.prefix_plan.n_units if self.prefix_plan else -1, cfg.train.mode)
+                 f"{self.prefix_plan.n_units} passes" if self.prefix_plan else "windows drawn afresh", cfg.train.mode)
         if self.world.size > 1:
             log.info("data-parallel: rank %d of %d on %s, %d examples per global batch", self.world.rank,
                      self.world.size, self.device, cfg.train.batch_size)
