@@ -46,7 +46,7 @@ class Recommendation:
     scores: list[float]
     fallback: str | None  # "popular" when the sequence had no known item
     unknown_items: list[str]  # request items not in the vocabulary, deduplicated, first-seen order
-    sequence: list[str]  # the known items the model read (after truncation to max_len)
+    sequence: list[str]  # with explain: the known items the model read (after truncation to max_len)
     retrieval_used: bool = False
     index_version: str | None = None
     neighbours: list[dict] | None = None  # with explain and retrieval: the neighbours used, best first
@@ -201,9 +201,9 @@ class Engine:
                 extras = self._retrieve(queries, warm, h, logits)
             scores[warm] = logits.float().cpu()
 
-        for row, excl in enumerate(excluded):
-            if len(excl):
-                scores[row, torch.from_numpy(excl - 1)] = -torch.inf  # column j is item id j + 1
+        rows = np.repeat(np.arange(len(excluded)), [len(e) for e in excluded])
+        if len(rows):  # one indexed write for the whole batch; column j is item id j + 1
+            scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(excluded) - 1)] = -torch.inf
         k_max = min(max(q.k for q in queries), self.n_items)
         top_scores, top_cols = torch.topk(scores, k_max, dim=1)  # (B, k_max)
 
@@ -216,7 +216,7 @@ class Engine:
             out.append(Recommendation(
                 items=self.vocab.decode(c.numpy() + 1), scores=s.tolist(),
                 fallback=None if len(seqs[row]) else "popular", unknown_items=unknowns[row],
-                sequence=self.vocab.decode(seqs[row]), retrieval_used=bool(extra),
+                sequence=self.vocab.decode(seqs[row]) if q.explain else [], retrieval_used=bool(extra),
                 index_version=extra.get("index_version", self.index_version),
                 neighbours=extra.get("neighbours"), fusion=extra.get("fusion")))
         return out

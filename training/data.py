@@ -40,6 +40,9 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ vocabulary
 
 
+_SHORT = 256  # Vocabulary.ids: lists up to this long take the dict path
+
+
 class Vocabulary:
     """String ↔ dense int ids. Id 0 is padding (`[PAD]`); token `tokens[i]` has id `i + 1`."""
 
@@ -55,6 +58,7 @@ class Vocabulary:
             raise DataError(f"vocabulary holds {what}: {dup!r}")
         self._index = index  # hash table for encode; position == id
         self._tokens = index.to_numpy(dtype=object)  # (V,) id -> token, for decode
+        self._small: dict[str, int] | None = None  # token -> id for short lookups, built on first use
 
     @classmethod
     def build(cls, tokens_in_first_seen_order: Iterable[str]) -> Vocabulary:
@@ -79,6 +83,12 @@ class Vocabulary:
         """(N,) int64 ids aligned with `tokens`; -1 where a token is unknown (nothing is dropped)."""
         if isinstance(tokens, str):
             raise TypeError("pass a sequence of tokens; use lookup() for a single token")
+        if isinstance(tokens, list) and len(tokens) <= _SHORT and all(type(t) is str for t in tokens):
+            # a request's few items: a dict lookup beats building pandas indexes (~10x at 50 tokens)
+            if self._small is None:
+                self._small = {t: i for i, t in enumerate(self._tokens.tolist())}
+            small = self._small
+            return np.fromiter((small.get(t, -1) for t in tokens), dtype=np.int64, count=len(tokens))
         # Factorize first: the hash lookup then runs once per distinct token, and an explicit object
         # Index keeps pandas from converting the strings to another dtype and back.
         codes, uniques = pd.factorize(as_str_array(tokens))

@@ -371,3 +371,14 @@ def test_load_dataset_reads_and_builds(tmp_path):
     data = load_dataset(path, k_core=2)
     assert (data.n_users, data.n_items, data.n_interactions) == (3, 4, 24)
     assert data.users == ["u0", "u1", "u2"]
+
+
+def test_vocabulary_short_and_long_lookups_agree() -> None:
+    vocab = Vocabulary([f"i{n}" for n in range(500)])
+    rng = np.random.default_rng(0)
+    tokens = [f"i{n}" for n in rng.integers(0, 700, size=200)] + [Vocabulary.PAD, "", "i499"]
+    short = vocab.ids(tokens)  # a short list of str: the dict path
+    long = vocab.ids(np.asarray(tokens, dtype=object))  # an array: the pandas path
+    assert short.dtype == long.dtype == np.int64
+    np.testing.assert_array_equal(short, long)
+    assert (short == -1).sum() == sum(1 for t in tokens if t not in set(vocab.tokens) | {Vocabulary.PAD})
