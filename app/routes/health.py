@@ -19,9 +19,13 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(request: Request, store: StoreDep) -> JSONResponse:
-    """503 with status "degraded" when a dependency is down. Requests that carry their own items
-    are still served then; those that need a stored history get 503."""
+    """503 with status "degraded" when a dependency is down (the store, or for a retrieval run its
+    index). Requests that carry their own items are still served then (without an index: without
+    retrieval); those that need a stored history get 503 while the store is down."""
     checks = {"model": getattr(request.app.state, "engine", None) is not None, "store": await store.ping()}
+    jobs = getattr(request.app.state, "jobs", None)
+    if jobs is not None:  # a retrieval-augmented run: its index must be served too
+        checks["index"] = jobs.manager.serving is not None
     if all(checks.values()):
         return JSONResponse(Readiness(status="ready", checks=checks).model_dump())
     down = ", ".join(name for name, ok in checks.items() if not ok)

@@ -121,6 +121,8 @@ def test_first_start_builds_and_serves_an_index(served: tuple[httpx.Client, Any]
     assert info["retrieval"] is True and info["version"] == "v000001" and info["versions"] == ["v000001"]
     assert info["size"] == len(truth.entry_target) and info["type"] == "flat" and info["device"] == "cpu"
     assert info["model_version"].startswith("ra@")
+    ready = client.get("/readyz").json()
+    assert ready == {"status": "ready", "checks": {"model": True, "store": True, "index": True}, "detail": None}
 
 
 def test_recommendations_with_and_without_retrieval_match_brute_force(served: tuple[httpx.Client, Any],
