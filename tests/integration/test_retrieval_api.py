@@ -339,3 +339,19 @@ def test_a_failed_rebuild_is_reported_and_changes_nothing(ra_run: Path, tmp_path
         assert app.state.metrics.registry.get_sample_value("ragrec_index_rebuild_failures_total") == 1
         # the lock was released: the next rebuild may start (and fails the same way)
         assert client.post("/v1/index/rebuild", headers=ADMIN).status_code == 202
+
+
+def test_without_an_index_it_serves_the_base_model_and_says_so(ra_run: Path, tmp_path: Path, truth: Truth) -> None:
+    app = create_app(settings_for(ra_run, tmp_path / "index", build_index_on_start=False))
+    with LiveServer(app) as server, client_for(server) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["index"] is False
+        assert "index" in ready.json()["detail"]
+        user = sorted(truth.histories)[0]
+        body = recommend(client, user_id=user, k=5)
+        assert body["retrieval_used"] is False and body["index_version"] is None
+        assert ids_of(body) == truth.top(truth.histories[user], 5, user=user, retrieval=False)
+        job = wait_job(client, client.post("/v1/index/rebuild", headers=ADMIN).json()["url"])
+        assert job["status"] == "succeeded"
+        assert client.get("/readyz").status_code == 200
+        assert recommend(client, user_id=user, k=5)["retrieval_used"] is True
