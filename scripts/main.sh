@@ -49,11 +49,11 @@ if [ -f "$OUT/ra/metrics.json" ]; then
   echo "finished by an earlier run; reusing it"
 elif [ -f "$OUT/ra/last.pt" ]; then
   "$RAGREC" train --config configs/ml100k-ra.yaml --out "$OUT/ra" --resume \
-    --set ra.pretrained="$OUT/duorec" --set ra.epochs=2
+    --set ra.pretrained="$OUT/duorec"
 else
   rm -rf "$OUT/ra"
   "$RAGREC" train --config configs/ml100k-ra.yaml --out "$OUT/ra" \
-    --set ra.pretrained="$OUT/duorec" --set ra.epochs=2
+    --set ra.pretrained="$OUT/duorec"
 fi
 
 echo "== 3/3 serving $OUT/ra on http://$HOST:$PORT (the first start builds the index)"
