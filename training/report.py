@@ -380,8 +380,11 @@ def plot_schedule(data: RunData, path: Path) -> Path | None:
             if p in names:
                 ax.plot([], [], " ", label=f"phase {p} = {names[p]}")
         ax.set_yticks(seen)
-        _style(ax, "Unfrozen modules", "unfreezing phase (index)")
-        ax.set_ylim(min(seen) - 0.5, max(seen) + 1.5)  # headroom for the legend
+        _style(ax, "Unfrozen modules", "unfreezing phase (index)", legend=False)
+        ax.set_ylim(min(seen) - 0.5, max(seen) + 0.5)
+        # the phase key is wider than one panel: a figure legend under the panels, never over them
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, framealpha=0.85)
     fig.suptitle(f"RA training schedule per epoch — {data.run_dir.name}", fontsize=11)
     return _save(fig, path)
 
