@@ -6,42 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import ConfigError, load_config
+from tests.unit.training.ra_helpers import make_pretrained, ra_cfg, ready_trainer
+from training.config import ConfigError
 from training.evaluate import metrics_from_ranks
 from training.fusion import CrossAttentionRetrieval, RetrievalAttention
 from training.ra_model import search_neighbours
 from training.ra_trainer import RATrainer, check_bank, run_ra_training
 from training.run import RunError
-from training.synthetic import generate_interactions, write_inter
-from training.trainer import run_training
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """(data path, DuoRec run dir) on tiny generated data."""
-    root = tmp_path_factory.mktemp("ra-options")
-    path = root / "syn.inter"
-    write_inter(generate_interactions(100, 50, mean_length=14, seed=5), path)
-    run = root / "duorec"
-    run_training(load_config(None, [*base(path), "train.epochs=3"]), run, progress=False)
-    return path, run
-
-
-def base(path, *extra):
-    return [f"data.path={path}", "data.max_seq_len=10", "model.dim=16", "model.inner=32", "model.dropout=0.1",
-            "model.attn_dropout=0.1", "train.batch_size=64", "train.seed=7", "loss.contrastive=none",
-            "train.lr=0.005", *extra]
-
-
-def cfg_of(pretrained, *extra):
-    path, run = pretrained
-    return load_config(None, base(path, "ra.enabled=true", f"ra.pretrained={run}", "ra.epochs=2", "ra.k=5", *extra))
-
-
-def trainer_of(pretrained, out, *extra) -> RATrainer:
-    trainer = RATrainer(cfg_of(pretrained, *extra), out, progress=False)
-    trainer.setup()
-    return trainer
+    return make_pretrained(tmp_path_factory.mktemp("ra-options"), users=100, items=50, seed=5)
 
 
 def records(out):
@@ -55,20 +32,20 @@ PHASES = "ra.unfreeze=[{until_epoch: 1, train: [retriever, fusion]}, {until_epoc
 
 
 def test_retrieval_module_entropy_gain_and_fusion_temperature_come_from_config(tmp_path, pretrained):
-    t = trainer_of(pretrained, tmp_path / "a", "ra.retrieval=cross_attention", "ra.fusion_temperature=0.5")
+    t = ready_trainer(pretrained, tmp_path / "a", "ra.retrieval=cross_attention", "ra.fusion_temperature=0.5")
     assert isinstance(t.model.retrieval, CrossAttentionRetrieval)
     assert t.model.fusion.temperature == 0.5
-    t = trainer_of(pretrained, tmp_path / "b", "ra.entropy_gain=2.0", "ra.fusion=adaptive")
+    t = ready_trainer(pretrained, tmp_path / "b", "ra.entropy_gain=2.0", "ra.fusion=adaptive")
     assert isinstance(t.model.retrieval, RetrievalAttention) and t.model.retrieval.entropy_gain == 2.0
     assert t.model.fusion.temperature == 0.1  # the adaptive fusion's own default when not set
     with pytest.raises(ConfigError, match="cross_attention"):
-        cfg_of(pretrained, "ra.retrieval=cross_attention", "ra.values=both")
+        ra_cfg(pretrained, "ra.retrieval=cross_attention", "ra.values=both")
     with pytest.raises(ConfigError, match=r"unknown key 'ra\.fusion_temp'"):
-        cfg_of(pretrained, "ra.fusion_temp=0.5")
+        ra_cfg(pretrained, "ra.fusion_temp=0.5")
 
 
 def test_entropy_gain_raises_each_querys_temperature(tmp_path, pretrained):
-    t = trainer_of(pretrained, tmp_path / "ra", "ra.entropy_gain=1.0")
+    t = ready_trainer(pretrained, tmp_path / "ra", "ra.entropy_gain=1.0")
     t.model.set_schedule(**t.schedule(0))
     t._set_phase(0)
     t.bank = t.train_bank()
@@ -79,7 +56,7 @@ def test_entropy_gain_raises_each_querys_temperature(tmp_path, pretrained):
 
 @pytest.mark.parametrize("fusion", ["gated", "fixed"])
 def test_cross_attention_with_zero_alpha_is_the_base_model(tmp_path, pretrained, fusion):
-    t = trainer_of(pretrained, tmp_path / "ra", "ra.retrieval=cross_attention", f"ra.fusion={fusion}",
+    t = ready_trainer(pretrained, tmp_path / "ra", "ra.retrieval=cross_attention", f"ra.fusion={fusion}",
                    "ra.alpha_max=0", "ra.alpha_warmup_epochs=0")
     t.model.set_schedule(**t.schedule(0))
     bank = t.eval_bank("valid")
@@ -92,7 +69,7 @@ def test_cross_attention_with_zero_alpha_is_the_base_model(tmp_path, pretrained,
 
 
 def test_fusion_has_its_own_optimizer_group_and_its_weights_move(tmp_path, pretrained):
-    t = trainer_of(pretrained, tmp_path / "ra", PHASES, "ra.fusion_lr=0.01", "ra.lr=0.001")
+    t = ready_trainer(pretrained, tmp_path / "ra", PHASES, "ra.fusion_lr=0.01", "ra.lr=0.001")
     for epoch0, other in ((0, "retriever"), (1, "")):
         t._set_phase(epoch0)
         groups = {g["name"]: g for g in t.optimizer.param_groups}
@@ -103,7 +80,7 @@ def test_fusion_has_its_own_optimizer_group_and_its_weights_move(tmp_path, pretr
         assert not fusion_ids & {id(p) for p in groups[other]["params"]}
 
     out = tmp_path / "run"
-    run_ra_training(cfg_of(pretrained, PHASES, "ra.fusion_lr=0.01"), out, progress=False)
+    run_ra_training(ra_cfg(pretrained, PHASES, "ra.fusion_lr=0.01"), out, progress=False)
     recs = records(out)
     assert [r["schedule"]["lr"]["fusion"] for r in recs] == [0.01, 0.01]
     change = [r["fusion_params"]["all"]["change"] for r in recs]
@@ -114,7 +91,7 @@ def test_fusion_has_its_own_optimizer_group_and_its_weights_move(tmp_path, pretr
 
 def test_quality_gated_loss_drops_the_enhanced_terms_under_the_threshold(tmp_path, pretrained):
     def one_epoch(threshold):
-        t = trainer_of(pretrained, tmp_path / f"ra{threshold}", f"ra.loss_gate_threshold={threshold}")
+        t = ready_trainer(pretrained, tmp_path / f"ra{threshold}", f"ra.loss_gate_threshold={threshold}")
         t.model.set_schedule(**t.schedule(0))
         t._set_phase(0)
         t.bank = t.train_bank()
@@ -130,7 +107,7 @@ def test_quality_gated_loss_drops_the_enhanced_terms_under_the_threshold(tmp_pat
 
 
 def test_usefulness_ema_is_updated_and_low_entries_are_evicted_at_rebuild(tmp_path, pretrained):
-    t = trainer_of(pretrained, tmp_path / "ra", "ra.evict_below=0.8", "ra.usefulness_momentum=0.5",
+    t = ready_trainer(pretrained, tmp_path / "ra", "ra.evict_below=0.8", "ra.usefulness_momentum=0.5",
                    "ra.bank_min_prefix=3")
     s = t.split
     assert (s.train_positions[t.entries.ids] >= 3).all() and (s.train_positions < 3).any()
@@ -169,7 +146,7 @@ def test_usefulness_ema_is_updated_and_low_entries_are_evicted_at_rebuild(tmp_pa
 
 def test_evictions_are_logged_per_epoch(tmp_path, pretrained):
     out = tmp_path / "run"
-    run_ra_training(cfg_of(pretrained, "ra.evict_below=0.8", "ra.usefulness_momentum=0.5", "ra.epochs=3"), out,
+    run_ra_training(ra_cfg(pretrained, "ra.evict_below=0.8", "ra.usefulness_momentum=0.5", "ra.epochs=3"), out,
                     progress=False)
     recs = records(out)
     assert sum(r["bank"]["evicted"] for r in recs) == recs[-1]["bank"]["evicted_total"] > 0
@@ -178,7 +155,7 @@ def test_evictions_are_logged_per_epoch(tmp_path, pretrained):
 
 
 def test_retriever_warm_up_trains_the_retriever_before_epoch_0(tmp_path, pretrained):
-    t = trainer_of(pretrained, tmp_path / "ra", "ra.retriever_warmup_epochs=2", "ra.retriever_warmup_lr=0.01")
+    t = ready_trainer(pretrained, tmp_path / "ra", "ra.retriever_warmup_epochs=2", "ra.retriever_warmup_lr=0.01")
     assert not t.model.retriever.down.weight.any()  # starts as the identity on the centred h
     encoder_before = {k: v.clone() for k, v in t.model.encoder.state_dict().items()}
     history = t.warm_up()
@@ -187,7 +164,7 @@ def test_retriever_warm_up_trains_the_retriever_before_epoch_0(tmp_path, pretrai
     assert all(torch.equal(v, t.model.encoder.state_dict()[k]) for k, v in encoder_before.items())
 
     out = tmp_path / "run"
-    result = run_ra_training(cfg_of(pretrained, "ra.retriever_warmup_epochs=1", "ra.epochs=1"), out, progress=False)
+    result = run_ra_training(ra_cfg(pretrained, "ra.retriever_warmup_epochs=1", "ra.epochs=1"), out, progress=False)
     assert len(result["retriever_warmup"]) == 1
     assert records(out)[0]["retriever_warmup"] == result["retriever_warmup"]
 
@@ -197,7 +174,7 @@ def test_retriever_warm_up_trains_the_retriever_before_epoch_0(tmp_path, pretrai
 
 def test_epoch_records_carry_diagnostics_timings_and_ranks(tmp_path, pretrained):
     out = tmp_path / "run"
-    result = run_ra_training(cfg_of(pretrained, "ra.epochs=1"), out, progress=False)
+    result = run_ra_training(ra_cfg(pretrained, "ra.epochs=1"), out, progress=False)
     rec = records(out)[0]
     assert {"alpha_mean", "alpha_std", "alpha_dim_std", "norm_ratio_raw", "cos_fused", "neighbour_sim",
             "neighbour_hit", "masked_by_quality", "retrieval_rate"} <= set(rec["valid_diagnostics"])
@@ -222,10 +199,10 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, pretrained):
     extra = ["ra.epochs=3", "ra.rebuild_every_early=2", "ra.rebuild_switch_epoch=9", "ra.evict_below=0.8",
              "ra.usefulness_momentum=0.5", "ra.retriever_warmup_epochs=1", "ra.fusion_lr=0.01", PHASES]
     straight = tmp_path / "straight"
-    want = run_ra_training(cfg_of(pretrained, *extra), straight, progress=False)
+    want = run_ra_training(ra_cfg(pretrained, *extra), straight, progress=False)
 
     pieces = tmp_path / "pieces"
-    cfg = cfg_of(pretrained, *extra, "train.max_minutes=0.000001")
+    cfg = ra_cfg(pretrained, *extra, "train.max_minutes=0.000001")
     run_ra_training(cfg, pieces, progress=False)
     assert len(records(pieces)) == 1
     for _ in range(2):
@@ -246,18 +223,18 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, pretrained):
 def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path, pretrained):
     out = tmp_path / "run"
     with pytest.raises(RunError, match="no checkpoint"):
-        run_ra_training(cfg_of(pretrained), out, resume=True, progress=False)
-    run_ra_training(cfg_of(pretrained, "ra.epochs=1"), out, progress=False)
+        run_ra_training(ra_cfg(pretrained), out, resume=True, progress=False)
+    run_ra_training(ra_cfg(pretrained, "ra.epochs=1"), out, progress=False)
     with pytest.raises(RunError, match="kl_weight"):
-        run_ra_training(cfg_of(pretrained, "ra.epochs=2", "ra.kl_weight=0.5"), out, resume=True, progress=False)
+        run_ra_training(ra_cfg(pretrained, "ra.epochs=2", "ra.kl_weight=0.5"), out, resume=True, progress=False)
     with pytest.raises(RunError, match="not empty"):
-        run_ra_training(cfg_of(pretrained, "ra.epochs=1"), out, progress=False)
+        run_ra_training(ra_cfg(pretrained, "ra.epochs=1"), out, progress=False)
 
 
 def test_window_mode_trains_every_training_example_once_per_epoch(tmp_path, pretrained):
     out = tmp_path / "run"
-    result = run_ra_training(cfg_of(pretrained, "train.mode=window"), out, progress=False)
-    t = RATrainer(cfg_of(pretrained), tmp_path / "unused")
+    result = run_ra_training(ra_cfg(pretrained, "train.mode=window"), out, progress=False)
+    t = RATrainer(ra_cfg(pretrained), tmp_path / "unused")
     t.setup()
     for rec in records(out):
         assert rec["train"]["samples"] == len(t.split.train_users)
@@ -276,5 +253,5 @@ def test_window_mode_trains_every_training_example_once_per_epoch(tmp_path, pret
 def test_bad_input_fails_before_the_run_directory_is_touched(tmp_path, pretrained, extra, message):
     out = tmp_path / "ra"
     with pytest.raises(RunError, match=message):
-        run_ra_training(cfg_of(pretrained, *extra), out, progress=False)
+        run_ra_training(ra_cfg(pretrained, *extra), out, progress=False)
     assert not out.exists()

@@ -5,44 +5,20 @@ import numpy as np
 import pytest
 import torch
 
+from tests.unit.training.ra_helpers import base_overrides, make_pretrained, ra_cfg, ready_trainer
 from training import ra_trainer
 from training.config import ConfigError, load_config
 from training.data import Vocabulary
 from training.fusion import FUSIONS
 from training.ra_model import search_neighbours
-from training.ra_trainer import LeakageError, RATrainer, check_bank, run_ra_training
+from training.ra_trainer import LeakageError, check_bank, run_ra_training
 from training.run import RunError, evaluate_run
-from training.synthetic import generate_interactions, write_inter
-from training.trainer import run_training
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """(data path, DuoRec run dir) on tiny generated data."""
-    root = tmp_path_factory.mktemp("ra")
-    path = root / "syn.inter"
-    write_inter(generate_interactions(120, 60, mean_length=14, seed=3), path)
-    run = root / "duorec"
-    run_training(load_config(None, base_overrides(path, "train.epochs=3")), run, progress=False)
-    return path, run
-
-
-def base_overrides(path, *extra):
-    return [f"data.path={path}", "data.max_seq_len=10", "model.dim=16", "model.inner=32", "model.dropout=0.1",
-            "model.attn_dropout=0.1", "train.batch_size=64", "train.seed=7", "loss.contrastive=none",
-            "train.lr=0.005", *extra]
-
-
-def ra_cfg(pretrained, *extra):
-    path, run = pretrained
-    return load_config(None, base_overrides(path, "ra.enabled=true", f"ra.pretrained={run}", "ra.epochs=2",
-                                            "ra.k=5", *extra))
-
-
-def ready_trainer(pretrained, out, *extra) -> RATrainer:
-    trainer = RATrainer(ra_cfg(pretrained, *extra), out, progress=False)
-    trainer.setup()
-    return trainer
+    return make_pretrained(tmp_path_factory.mktemp("ra"), users=120, items=60, seed=3)
 
 
 def pairs(users, positions) -> set[tuple[int, int]]:
