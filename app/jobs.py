@@ -134,6 +134,10 @@ class Jobs:
         await self._record(job, status="running", started_at=_now())
         try:
             result = await work(job)
+        except asyncio.CancelledError:  # the service is stopping: say so instead of "running" forever
+            with contextlib.suppress(Exception):
+                await self._record(job, status="failed", finished_at=_now(), error="cancelled: the service stopped")
+            raise
         except Exception as e:
             logger.exception("job %s (%s) failed", job["id"], job["kind"])
             await self._record(job, status="failed", finished_at=_now(), error=f"{type(e).__name__}: {e}")
@@ -209,6 +213,9 @@ class Jobs:
             except (RebuildBusy, StoreUnavailable) as e:
                 logger.info("scheduled rebuild skipped: %s", e)
                 continue
+            except Exception:  # the schedule must outlive any one failure
+                logger.exception("scheduled rebuild could not start")
+                continue
             while (record := await self._job_or_none(job["id"])) is not None and record["status"] in (
                     "queued", "running"):
                 await asyncio.sleep(1.0)
@@ -260,7 +267,10 @@ class Jobs:
             self.last_watch_error = str(e)
             return
         serving = self.manager.serving
-        if wanted is None or (serving is not None and serving.version == wanted) or wanted in self._refused:
+        if wanted is None or (serving is not None and serving.version == wanted):
+            self.last_watch_error = None  # in step again (e.g. the store is back)
+            return
+        if wanted in self._refused:
             return
         try:
             await self.load_version(wanted)
