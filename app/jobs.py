@@ -104,8 +104,10 @@ class Jobs:
         self.engine, self.manager, self.store = engine, manager, store
         self.settings, self.metrics = settings, metrics
         self._tasks: set[asyncio.Task] = set()
-        self._refused: set[str] = set()  # versions that failed to load here; not retried
-        self.last_watch_error: str | None = None
+        self._versions = asyncio.Lock()  # serialises this replica's index version changes
+        self._refused_version: str | None = None  # the store's version that failed to load here
+        self._store_error: str | None = None  # the store did not answer the last look
+        self._refusal: str | None = None  # why _refused_version was refused
 
     # ------------------------------------------------------------------ job records
 
@@ -178,11 +180,14 @@ class Jobs:
                     build_and_publish, str(s.run_dir), str(s.index_root), histories,
                     model_version=self.engine.model_version, min_recall=s.index_min_recall,
                     keep_versions=s.index_keep_versions, threads=s.rebuild_threads, nice=s.rebuild_nice)
-                await self.load_version(report["version"])
+                async with self._versions:
+                    await self.load_version(report["version"])
+                    await self.store.set_index_version(report["version"])
             else:
                 bank, names = await asyncio.to_thread(self.manager.build, histories)
-                report = await asyncio.to_thread(self.manager.publish, bank, names)
-            await self.store.set_index_version(report["version"])
+                async with self._versions:
+                    report = await asyncio.to_thread(self.manager.publish, bank, names)
+                    await self.store.set_index_version(report["version"])
         except Exception:
             self.metrics.rebuild_failures.inc()
             raise
@@ -244,14 +249,16 @@ class Jobs:
 
     async def switch(self, version: str) -> dict:
         """Serve ``version`` and make it current for every replica."""
-        info = await self._swap(lambda: self.manager.switch(version))
-        await self.store.set_index_version(version)
+        async with self._versions:
+            info = await self._swap(lambda: self.manager.switch(version))
+            await self.store.set_index_version(version)
         return info
 
     async def rollback(self) -> dict:
         """Serve the previous version and make it current for every replica."""
-        info = await self._swap(self.manager.rollback)
-        await self.store.set_index_version(info["version"])
+        async with self._versions:
+            info = await self._swap(self.manager.rollback)
+            await self.store.set_index_version(info["version"])
         return info
 
     async def watch_loop(self) -> None:
@@ -260,25 +267,35 @@ class Jobs:
             await asyncio.sleep(self.settings.index_poll_s)
             await self.check_version()
 
+    @property
+    def last_watch_error(self) -> str | None:
+        """Why this replica may not be serving the store's current version (None: in step)."""
+        return self._store_error or self._refusal
+
     async def check_version(self) -> None:
-        try:
-            wanted = await self.store.get_index_version()
-        except StoreUnavailable as e:
-            self.last_watch_error = str(e)
-            return
-        serving = self.manager.serving
-        if wanted is None or (serving is not None and serving.version == wanted):
-            self.last_watch_error = None  # in step again (e.g. the store is back)
-            return
-        if wanted in self._refused:
-            return
-        try:
-            await self.load_version(wanted)
-            self.last_watch_error = None
-        except Exception as e:
-            self._refused.add(wanted)
-            self.last_watch_error = f"refused index {wanted}: {e}"
-            logger.error("%s; still serving %s", self.last_watch_error, self.engine.index_version)
+        """Swap in the store's version when it differs from the one served here. Holds the same
+        lock as this replica's own version changes, which swap locally and then update the store:
+        without it the watcher could read the old value in between and swap back to it."""
+        async with self._versions:
+            try:
+                wanted = await self.store.get_index_version()
+            except StoreUnavailable as e:
+                self._store_error = f"store unavailable: {e}"
+                return
+            self._store_error = None
+            serving = self.manager.serving
+            if wanted is None or (serving is not None and serving.version == wanted):
+                self._refusal = None
+                return
+            if wanted == self._refused_version:  # not retried until the store names another one
+                return
+            try:
+                await self.load_version(wanted)
+                self._refusal = self._refused_version = None
+            except Exception as e:
+                self._refused_version = wanted
+                self._refusal = f"refused index {wanted}: {e}"
+                logger.error("%s; still serving %s", self._refusal, self.engine.index_version)
 
     def start_loops(self) -> None:
         self._spawn(self.watch_loop(), "index-watch")
