@@ -42,6 +42,7 @@ def _split_inputs(engine: Engine, split: str) -> tuple[np.ndarray, np.ndarray, n
     from app.index import build_bank
     from training.config import load_config
     from training.data import leave_one_out, pad_prefixes
+    from training.ra_bundle import bank_stores_values
     from training.ra_trainer import check_bank
     from training.run import RunError, gather_items, item_popularity, load_run_data
 
@@ -56,8 +57,8 @@ def _split_inputs(engine: Engine, split: str) -> tuple[np.ndarray, np.ndarray, n
         bank_users = np.concatenate([bank_users, s.valid_users])
         bank_positions = np.concatenate([bank_positions, s.valid_positions])
     check_bank(bank_users, bank_positions, users, positions, split)  # raises LeakageError
-    bank = build_bank(engine.ra, data.sequences, bank_users, bank_positions, max_len=engine.max_len,
-                      store_values=engine.ra_config.get("values", "target") != "target")
+    bank = build_bank(engine.ra, data.sequences, bank_users, bank_positions,
+                      store_values=bank_stores_values(engine.ra_config))
     prefixes = pad_prefixes(data, users, positions, engine.max_len)[0]
     source = {"kind": f"{split} split", "bank": "training examples" + (" + validation examples" if split == "test"
                                                                       else ""),

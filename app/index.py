@@ -62,18 +62,15 @@ def examples(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_bank(model: RAModel, sequences: list[np.ndarray], rows: np.ndarray, positions: np.ndarray, *,
-               max_len: int, store_values: bool, users: np.ndarray | None = None,
-               batch_size: int = 512) -> MemoryBank:
+               store_values: bool, users: np.ndarray | None = None) -> MemoryBank:
     """A bank of the (row, position) examples of ``sequences`` (id arrays), keyed by ``model``'s
     retriever. store_values: keep each prefix's h (models whose knowledge vector reads neighbours'
     sequence representations). users: (M,) payload user per example (default: the row)."""
-    from training.data import pad_prefixes
-    from training.ra_bundle import encode_sequences
+    from training.ra_bundle import encode_examples
 
     if len(rows) == 0:
         raise RetrieverError("no sequence has two known items: nothing to put in the memory bank")
-    prefixes = pad_prefixes(sequences, rows, positions, max_len)[0]
-    h, keys = encode_sequences(model, prefixes, batch_size=batch_size)
+    h, keys = encode_examples(model, sequences, rows, positions)
     targets = np.array([sequences[r][t] for r, t in zip(rows, positions, strict=True)], dtype=np.int64)
     return MemoryBank(keys, targets, rows if users is None else users, positions,
                       values=h if store_values else None)
@@ -88,13 +85,13 @@ def build_and_publish(run_dir: str, index_root: str, histories: dict[str, np.nda
 
     import torch
 
-    from training.ra_bundle import load_ra_model
+    from training.ra_bundle import bank_stores_values, load_ra_model
 
     os.nice(nice)
     torch.set_num_threads(threads)
     model, blob = load_ra_model(run_dir)
-    manager = IndexManager(model, index_root, model_version=model_version, max_len=model.encoder.cfg.max_len,
-                           store_values=blob["ra_config"].get("values", "target") != "target",
+    manager = IndexManager(model, index_root, model_version=model_version,
+                           store_values=bank_stores_values(blob["ra_config"]),
                            min_recall=min_recall, keep_versions=keep_versions)
     with torch.inference_mode():
         bank, names = manager.build(histories)
@@ -104,13 +101,12 @@ def build_and_publish(run_dir: str, index_root: str, histories: dict[str, np.nda
 class IndexManager:
     """Builds, publishes, loads and serves bank versions under ``root`` (an ``ArtifactStore``)."""
 
-    def __init__(self, model: RAModel, root: str | Path, *, model_version: str, max_len: int,
+    def __init__(self, model: RAModel, root: str | Path, *, model_version: str,
                  store_values: bool, min_recall: float = 0.9, keep_versions: int = 5) -> None:
         self.model = model
         self.store_values = store_values
         self.store = ArtifactStore(root)
         self.model_version = model_version
-        self.max_len = max_len
         self.min_recall = min_recall
         self.keep_versions = keep_versions
         self.serving: ServingIndex | None = None
@@ -125,8 +121,7 @@ class IndexManager:
         names = sorted(histories)
         sequences = [histories[n] for n in names]
         rows, positions = examples(sequences)
-        bank = build_bank(self.model, sequences, rows, positions, max_len=self.max_len,
-                          store_values=self.store_values)
+        bank = build_bank(self.model, sequences, rows, positions, store_values=self.store_values)
         return bank, names
 
     def publish(self, bank: MemoryBank, user_names: list[str], *, note: str = "") -> dict[str, Any]:
@@ -206,11 +201,9 @@ class IndexManager:
                 row = len(serving.user_names)
                 serving.user_names.append(user)
                 serving.user_rows[user] = row
-        from training.data import pad_prefixes
-        from training.ra_bundle import encode_sequences
+        from training.ra_bundle import encode_examples
 
-        prefixes = pad_prefixes([sequence], np.zeros(len(positions), dtype=np.int64), positions, self.max_len)[0]
-        h, keys = encode_sequences(self.model, prefixes)
+        h, keys = encode_examples(self.model, [sequence], np.zeros(len(positions), dtype=np.int64), positions)
         values = h if serving.bank.has_values else None
         serving.bank.add(keys, sequence[positions], np.full(len(positions), row, dtype=np.int64), positions,
                          values=values)

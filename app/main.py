@@ -44,8 +44,10 @@ async def open_index(engine: Engine, store: Store, settings: Settings, metrics: 
     artifact root's), or build the first one. None for a run without retrieval."""
     if engine.ra is None:
         return None
+    from training.ra_bundle import bank_stores_values
+
     manager = IndexManager(engine.ra, settings.index_root, model_version=engine.model_version,
-                           max_len=engine.max_len, store_values=engine.ra_config.get("values", "target") != "target",
+                           store_values=bank_stores_values(engine.ra_config),
                            min_recall=settings.index_min_recall, keep_versions=settings.index_keep_versions)
     engine.index = manager
     jobs = Jobs(engine, manager, store, settings, metrics)

@@ -13,6 +13,7 @@ Shapes: M examples, B queries, K neighbours, D hidden size.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +27,11 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def encode_prefixes(encoder: SequenceEncoder, data: SequenceData, users: np.ndarray, positions: np.ndarray,
+def encode_prefixes(encoder: SequenceEncoder, data: SequenceData | Sequence[np.ndarray], users: np.ndarray,
+                    positions: np.ndarray,
                     max_len: int, *, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(M, D) float32 h of each prefix seq[max(0, t - L):t] for (users[m], positions[m] = t >= 1),
+    """(M, D) float32 h of each prefix seq[max(0, t - L):t] for (users[m], positions[m] = t >= 1)
+    of ``data`` (a SequenceData or a list of id arrays; users index its rows),
     with the encoder in whatever mode the caller set (eval for banks). ``batch_size`` counts
     encoder passes (windows of up to L items), not prefixes."""
     users, positions = np.asarray(users, dtype=np.int64), np.asarray(positions, dtype=np.int64)

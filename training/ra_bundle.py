@@ -1,5 +1,5 @@
 """A finished retrieval-augmented run as the service uses it: load ``ra.pt``, encode
-sequences into (h, key) pairs, and turn a memory-bank search result into ``Neighbours``.
+prefixes into (h, key) pairs, and turn a memory-bank search result into ``Neighbours``.
 
 Training builds neighbours with gradients through the similarities (``search_neighbours``);
 serving needs none, so the similarities are the ones the index returned.
@@ -10,6 +10,7 @@ Shapes: M sequences, B queries, K neighbours, D hidden size.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from retriever import SearchResult
 from training.fusion import Neighbours
 from training.model import ModelConfig, SequenceEncoder
+from training.ra_bank import encode_prefixes
 from training.ra_model import RAModel, build_ra_model
 from training.ra_trainer import RA_FORMAT
 from training.run import RunError
@@ -45,20 +47,23 @@ def load_ra_model(path: str | Path, *, map_location: str | torch.device = "cpu")
     return model.eval(), blob
 
 
+def bank_stores_values(ra_config: dict[str, Any]) -> bool:
+    """Whether the run's knowledge vector reads neighbours' prefix representations, which its
+    banks must then store beside the keys."""
+    return ra_config.get("values", "target") != "target"
+
+
 @torch.no_grad()
-def encode_sequences(model: RAModel, seqs: np.ndarray, *, batch_size: int = 512,
-                     device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(h, keys) for left-aligned, zero-padded sequences (M, L) int64: two (M, D) float32 arrays.
-    keys are the retriever's unit vectors, the bank's search keys."""
-    if seqs.ndim != 2 or len(seqs) == 0:
-        raise ValueError(f"need a non-empty (M, L) array of item ids, got shape {seqs.shape}")
-    hs, keys = [], []
-    for start in range(0, len(seqs), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(seqs[start : start + batch_size])).to(device)
-        h = model.encoder(batch).float()  # (b, D)
-        hs.append(h.cpu())
-        keys.append(model.retriever(h).float().cpu())
-    return torch.cat(hs).numpy(), torch.cat(keys).numpy()
+def encode_examples(model: RAModel, sequences: Sequence[np.ndarray], rows: np.ndarray, positions: np.ndarray, *,
+                    batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(h, keys) of the prefixes sequences[rows[m]][:positions[m]] (truncated to the model's
+    max_len), two (M, D) float32 arrays; keys are the retriever's unit search vectors. Uses the
+    training stage's ``encode_prefixes``: one causal pass serves all prefixes of a window."""
+    device = next(model.parameters()).device
+    h = encode_prefixes(model.encoder, sequences, rows, positions, model.encoder.cfg.max_len,
+                        batch_size=batch_size, device=device)
+    keys = torch.cat([model.retriever(part) for part in h.split(4096)])
+    return h.cpu().numpy(), keys.float().cpu().numpy()
 
 
 def neighbours_from_result(model: RAModel, res: SearchResult, *, keys: np.ndarray | None = None,
