@@ -11,9 +11,10 @@ that starts at sequence position s is exactly the representation of the prefix
   own window (only its last column is supervised). Same examples, same inputs, same
   targets as one pass per example, in far fewer passes.
 - ``window`` plan (SASRec's original recipe): a user's training targets are cut into
-  chunks of L consecutive positions (boundaries shifted at random each epoch) and every
-  column of each chunk's window is supervised. Inputs are truncated at the chunk start,
-  so this is a different, cheaper objective, offered as an option.
+  chunks of L (or ``train.window_chunk``) consecutive positions (boundaries shifted at random
+  each epoch) and every chunk position of the window ending at the chunk's last target is
+  supervised. Inputs are truncated at the window start, so this is a different, cheaper
+  objective, offered as an option.
 """
 
 from __future__ import annotations
@@ -74,14 +75,24 @@ def prefix_plan(train_users: np.ndarray, train_positions: np.ndarray, max_len: i
 
 
 def window_plan(
-    train_users: np.ndarray, train_positions: np.ndarray, max_len: int, rng: np.random.Generator
+    train_users: np.ndarray,
+    train_positions: np.ndarray,
+    max_len: int,
+    rng: np.random.Generator,
+    chunk_size: int | None = None,
 ) -> Plan:
-    """Chunks of L consecutive training positions per user; chunk boundaries shift each epoch."""
+    """Chunks of ``chunk_size`` (default L) consecutive training positions per user, each
+    supervised in the window of L items that ends at its last target; chunk boundaries shift
+    each epoch. With chunk C < L every target past the user's first C sees at least L - C + 1
+    items of input, at the price of about L / C times the passes."""
     users = np.asarray(train_users, dtype=np.int64)
     pos = np.asarray(train_positions, dtype=np.int64)
     index = np.arange(len(users))
-    offset = rng.integers(0, max_len, size=int(users.max(initial=-1)) + 1)
-    chunk = (pos + offset[users]) // max_len
+    size = max_len if chunk_size is None else chunk_size
+    if not 1 <= size <= max_len:
+        raise ValueError(f"chunk_size must be in [1, {max_len}], got {size}")
+    offset = rng.integers(0, size, size=int(users.max(initial=-1)) + 1)
+    chunk = (pos + offset[users]) // size
     # the window of a chunk ends at its largest target position
     combined = users * (int(chunk.max(initial=0)) + 1) + chunk
     _, inverse = np.unique(combined, return_inverse=True)

@@ -54,6 +54,7 @@ class LossConfig(_Strict):
     # Contrastive examples per step: None = every example (DuoRec). A number draws that many
     # at random per batch, so the extra views cost a fraction of a step.
     cl_batch: int | None = Field(None, ge=2)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the recommendation CE over all items
 
 
 class TrainConfig(_Strict):
@@ -61,12 +62,18 @@ class TrainConfig(_Strict):
     # the prefixes of a user that fit one window). "window": every position of each user's
     # windows is supervised in one pass (SASRec's original recipe; far fewer passes).
     mode: Literal["prefix", "window"] = "prefix"
+    # window mode: supervised positions per window (None = max_seq_len). Smaller chunks give each
+    # target a longer input (at least max_seq_len - chunk + 1 items) for more passes per epoch.
+    window_chunk: int | None = Field(None, ge=1)
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(256, ge=1)  # samples (supervised positions) per step
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     optimizer: Literal["adam", "adamw"] = "adam"
     grad_clip: float | None = Field(None, gt=0.0)
+    # exponential moving average of the weights, per step (e.g. 0.999); validation, model.pt and the
+    # final metrics use the averaged weights. None = off.
+    ema: float | None = Field(None, gt=0.0, lt=1.0)
     patience: int = Field(10, ge=1)  # epochs without a better validation NDCG@10
     eval_every: int = Field(1, ge=1)
     seed: int = 2026
@@ -168,6 +175,13 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ra: RAConfig = Field(default_factory=RAConfig)
+
+    @model_validator(mode="after")
+    def _chunk_fits(self) -> RunConfig:
+        chunk = self.train.window_chunk
+        if chunk is not None and chunk > self.data.max_seq_len:
+            raise ValueError(f"train.window_chunk ({chunk}) cannot exceed data.max_seq_len ({self.data.max_seq_len})")
+        return self
 
 
 def _format_error(err: ValidationError) -> str:

@@ -357,7 +357,8 @@ class RATrainer:
         if cfg.train.mode == "prefix":
             plan, windows = self.plan, self.windows
         else:
-            plan, windows = window_plan(s.train_users, s.train_positions, cfg.data.max_seq_len, self.rng), None
+            plan = window_plan(s.train_users, s.train_positions, cfg.data.max_seq_len, self.rng, cfg.train.window_chunk)
+            windows = None
         targets_all = torch.from_numpy(self.train_targets).to(self.device)
         item_emb = self.model.encoder.item_emb.weight
         means = RunningMean()

@@ -18,6 +18,7 @@ writes the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from training import distributed
 from training.batches import Batch, Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
 from training.config import RunConfig, dump_config
 from training.data import DataError, leave_one_out, pad_prefixes
+from training.ema import WeightAverage
 from training.evaluate import EvalResult, evaluate_scorer
 from training.io import append_jsonl, atomic_write_json
 from training.model import duorec_loss
@@ -122,6 +124,7 @@ class Trainer:
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.forward = torch.compile(self.ddp, dynamic=True) if cfg.train.compile else self.ddp
+        self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema else None
         if self.resume:
             self._load_checkpoint(self.out / "last.pt")
         self.scalars = ScalarLog(self.out / "tb", enabled=cfg.train.tensorboard and self.world.is_main)
@@ -198,7 +201,8 @@ class Trainer:
             assert self.prefix_plan is not None
             plan, windows = self.prefix_plan, self.prefix_windows
         else:
-            plan = window_plan(self.split.train_users, self.split.train_positions, L, self.rng)
+            plan = window_plan(self.split.train_users, self.split.train_positions, L, self.rng,
+                               cfg.train.window_chunk)
             windows = None
         if cfg.loss.contrastive in ("su", "us", "us_x"):
             self.partners = same_target_partners(self.train_targets, self.rng)
@@ -226,7 +230,7 @@ class Trainer:
                 out = self.forward(seq, rows, cols)  # (n + views * m, D)
                 h = out[:n]
                 logits = self.model.scores(h)
-            losses = {"ce": F.cross_entropy(logits.float(), targets - 1)}
+            losses = {"ce": F.cross_entropy(logits.float(), targets - 1, label_smoothing=cfg.loss.label_smoothing)}
             if cfg.loss.contrastive != "none":
                 mode = cfg.loss.contrastive
                 counts = np.diff(cuts)
@@ -249,6 +253,8 @@ class Trainer:
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().item() * shard.size
             n_seen += shard.size
@@ -280,6 +286,10 @@ class Trainer:
                                mask_seen=self.cfg.eval.mask_seen, batch_size=self.cfg.eval.batch_size,
                                device=self.device)
 
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The weights to validate and save: the moving average when ``train.ema`` is on."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
     # -------------------------------------------------------------- loop
 
     def train(self) -> dict[str, Any]:
@@ -293,12 +303,15 @@ class Trainer:
             record: dict[str, Any] = {"epoch": epoch, "train": stats, "train_seconds_total": self.train_seconds}
             stop = False
             if self.world.is_main and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
-                valid = self.evaluate("valid").metrics
-                record["valid"] = valid
-                score = valid["NDCG@10"]
-                if score > self.best_score:
+                with self._averaged():
+                    valid = self.evaluate("valid").metrics
+                    record["valid"] = valid
+                    score = valid["NDCG@10"]
+                    improved = score > self.best_score
+                    if improved:
+                        self._save_model(epoch, valid)
+                if improved:
                     self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
-                    self._save_model(epoch, valid)
                 else:
                     self.bad_epochs += cfg.train.eval_every
                 stop = self.bad_epochs >= cfg.train.patience
@@ -368,6 +381,8 @@ class Trainer:
         }
         if rank_rngs is not None:
             blob["torch_rng_ranks"] = rank_rngs
+        if self.ema is not None:
+            blob["ema"] = self.ema.state_dict()
         atomic_torch_save(blob, self.out / "last.pt")
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -380,6 +395,10 @@ class Trainer:
                            "resume with the same config and data")
         self.model.load_state_dict(blob["model"], strict=True)
         self.optimizer.load_state_dict(blob["optimizer"])
+        if self.ema is not None:
+            if "ema" not in blob:
+                raise RunError(f"{path} was trained without train.ema; resume with the same config")
+            self.ema.load_state_dict(blob["ema"])
         self.start_epoch = int(blob["epoch"]) + 1
         self.best_score = float(blob["best_score"])
         self.best_epoch = int(blob["best_epoch"])

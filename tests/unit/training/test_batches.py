@@ -58,6 +58,24 @@ def test_window_plan_covers_each_example_once_with_a_suffix_of_its_input(sequenc
         np.testing.assert_array_equal(window, full[len(full) - len(window):])
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_window_chunks_give_each_target_a_longer_input(sequences, chunk):
+    users, positions = examples(sequences)
+    max_len = 4
+    plan = window_plan(users, positions, max_len, np.random.default_rng(5), chunk_size=chunk)
+    got = collect(plan, sequences, max_len, batch_size=5, rng=np.random.default_rng(2))
+    assert sorted(got) == list(range(len(users)))
+    for i, window in got.items():
+        u, t = users[i], positions[i]
+        full = sequences[u][:t]
+        # a suffix of the true input, at least L - chunk + 1 items long (or all of it)
+        assert min(t, max_len - chunk + 1) <= len(window) <= min(t, max_len)
+        np.testing.assert_array_equal(window, full[len(full) - len(window):])
+    assert np.bincount(plan.sample_unit).max() <= chunk
+    with pytest.raises(ValueError, match="chunk_size"):
+        window_plan(users, positions, max_len, np.random.default_rng(5), chunk_size=max_len + 1)
+
+
 def test_batches_hold_about_batch_size_examples(sequences):
     users, positions = examples(sequences)
     plan = prefix_plan(users, positions, 8)

@@ -53,3 +53,9 @@ def test_shipped_configs_are_valid():
     assert configs, "no configs found"
     for path in configs:
         load_config(path)
+
+
+def test_window_chunk_cannot_exceed_the_input_length():
+    with pytest.raises(ConfigError, match="window_chunk"):
+        load_config(None, ["data.max_seq_len=10", "train.window_chunk=11"])
+    assert load_config(None, ["data.max_seq_len=10", "train.window_chunk=10"]).train.window_chunk == 10

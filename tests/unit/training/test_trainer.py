@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from training.config import load_config
+from training.model import ModelConfig, SequenceEncoder
 from training.run import RunError, evaluate_run
 from training.synthetic import generate_interactions, write_inter
 from training.trainer import Trainer, run_training
@@ -52,12 +53,14 @@ def test_model_learns_planted_structure(tmp_path, inter_path):
     assert result["test"]["HR@10"] > 2 * chance
 
 
-def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, inter_path):
+@pytest.mark.parametrize("extra", [(), ("train.ema=0.9", "train.mode=window", "train.window_chunk=4",
+                                           "loss.label_smoothing=0.1")])
+def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path, inter_path, extra):
     straight = tmp_path / "straight"
-    run_training(tiny_cfg(inter_path, "train.epochs=3"), straight, progress=False)
+    run_training(tiny_cfg(inter_path, "train.epochs=3", *extra), straight, progress=False)
     split = tmp_path / "split"
-    run_training(tiny_cfg(inter_path, "train.epochs=1"), split, progress=False)
-    run_training(tiny_cfg(inter_path, "train.epochs=3"), split, resume=True, progress=False)
+    run_training(tiny_cfg(inter_path, "train.epochs=1", *extra), split, progress=False)
+    run_training(tiny_cfg(inter_path, "train.epochs=3", *extra), split, resume=True, progress=False)
     a = torch.load(straight / "last.pt", weights_only=True)["model"]
     b = torch.load(split / "last.pt", weights_only=True)["model"]
     for k in a:
@@ -92,3 +95,19 @@ def test_window_mode_trains(tmp_path, inter_path):
     result = run_training(tiny_cfg(inter_path, "train.mode=window", "loss.contrastive=us"), tmp_path / "w",
                           progress=False)
     assert np.isfinite(result["valid"]["NDCG@10"])
+
+
+def test_weight_average_is_what_gets_validated_and_saved(tmp_path, inter_path):
+    out = tmp_path / "ema"
+    result = run_training(tiny_cfg(inter_path, "train.ema=0.9", "train.epochs=1"), out, progress=False)
+    last = torch.load(out / "last.pt", weights_only=True)
+    best = torch.load(out / "model.pt", weights_only=True)
+    model = SequenceEncoder(ModelConfig(**last["model_config"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shadow = dict(zip(names, last["ema"]["shadow"], strict=True))
+    assert last["ema"]["updates"] > 0
+    for n in names:  # model.pt (epoch 1, the only one) holds the average, not the live weights
+        torch.testing.assert_close(best["model"][n], shadow[n], msg=n)
+    assert any(not torch.equal(last["model"][n], shadow[n]) for n in names)
+    again = evaluate_run(out)
+    assert again["test"]["NDCG@10"] == pytest.approx(result["test"]["NDCG@10"], abs=1e-6)
