@@ -1,6 +1,8 @@
 """Typed dependencies: what a route needs, taken from the resources `lifespan` put on `app.state`.
 
 Tests swap any of them with `app.dependency_overrides[get_engine] = ...`.
+They are coroutines on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, and a
+request with five of them paid five thread hand-offs (a third of the service's CPU under load).
 """
 
 from __future__ import annotations
@@ -18,27 +20,27 @@ from app.settings import Settings
 from app.store import Store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_batcher(request: Request) -> MicroBatcher:
+async def get_batcher(request: Request) -> MicroBatcher:
     return request.app.state.batcher
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_jobs(request: Request) -> Jobs:
+async def get_jobs(request: Request) -> Jobs:
     """The replica's job runner; 409 when the served run has no retrieval model (nothing to index)."""
     jobs = request.app.state.jobs
     if jobs is None:
@@ -63,7 +65,7 @@ def history_cap(settings: Settings, engine: Engine) -> int:
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key_header)]) -> None:
+async def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key_header)]) -> None:
     """Guard for admin endpoints: the X-API-Key header must equal RAGREC_API_KEY."""
     if settings.api_key is None:
         raise HTTPException(403, "admin endpoints are disabled: the server has no RAGREC_API_KEY set")
