@@ -75,6 +75,10 @@ class TrainConfig(_Strict):
     # final metrics use the averaged weights. None = off.
     ema: float | None = Field(None, gt=0.0, lt=1.0)
     patience: int = Field(10, ge=1)  # epochs without a better validation NDCG@10
+    # multiply the learning rate by lr_decay after every lr_patience epochs without a better
+    # validation NDCG@10 (None = constant rate); early stopping still waits ``patience`` epochs
+    lr_patience: int | None = Field(None, ge=1)
+    lr_decay: float = Field(0.5, gt=0.0, lt=1.0)
     eval_every: int = Field(1, ge=1)
     seed: int = 2026
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (CPU AMX / GPU)

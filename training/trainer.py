@@ -268,7 +268,8 @@ class Trainer:
             n_seen = int(sums.pop("_n_seen"))
         stats = {k: v / max(n_seen, 1) for k, v in sums.items()}
         stats["loss"] = sum(stats.values())
-        stats.update(seconds=seconds, samples=n_seen, steps=steps, samples_per_s=n_seen / max(seconds, 1e-9))
+        stats.update(seconds=seconds, samples=n_seen, steps=steps, samples_per_s=n_seen / max(seconds, 1e-9),
+                     lr=self.optimizer.param_groups[0]["lr"])
         return stats
 
     # -------------------------------------------------------------- evaluation
@@ -289,6 +290,17 @@ class Trainer:
     def _averaged(self) -> contextlib.AbstractContextManager:
         """The weights to validate and save: the moving average when ``train.ema`` is on."""
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
+    def _maybe_decay_lr(self) -> None:
+        """Plateau schedule (``train.lr_patience``): the rate lives in the optimizer's state, so
+        ``--resume`` continues with the decayed rate."""
+        every = self.cfg.train.lr_patience
+        if every is None or self.bad_epochs % every >= self.cfg.train.eval_every:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.cfg.train.lr_decay
+        log.info("validation flat for %d epochs: learning rate -> %.3g", self.bad_epochs,
+                 self.optimizer.param_groups[0]["lr"])
 
     # -------------------------------------------------------------- loop
 
@@ -314,6 +326,7 @@ class Trainer:
                     self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
                 else:
                     self.bad_epochs += cfg.train.eval_every
+                    self._maybe_decay_lr()
                 stop = self.bad_epochs >= cfg.train.patience
                 log.info("epoch %d  loss %.4f  %.1fs  valid NDCG@10 %.4f HR@10 %.4f  (best %.4f @ %d)",
                          epoch, stats["loss"], stats["seconds"], score, valid["HR@10"], self.best_score,

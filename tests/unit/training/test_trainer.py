@@ -111,3 +111,21 @@ def test_weight_average_is_what_gets_validated_and_saved(tmp_path, inter_path):
     assert any(not torch.equal(last["model"][n], shadow[n]) for n in names)
     again = evaluate_run(out)
     assert again["test"]["NDCG@10"] == pytest.approx(result["test"]["NDCG@10"], abs=1e-6)
+
+
+def test_plateau_schedule_decays_the_rate_and_resume_keeps_it(tmp_path, inter_path):
+    # lr 0 learns nothing: validation never improves after epoch 1, so the rate halves every epoch
+    extra = ("train.lr=0.000001", "train.lr_patience=1", "train.lr_decay=0.5", "train.patience=10")
+    out = tmp_path / "plateau"
+    run_training(tiny_cfg(inter_path, "train.epochs=2", *extra), out, progress=False)
+    run_training(tiny_cfg(inter_path, "train.epochs=4", *extra), out, resume=True, progress=False)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["valid"]["NDCG@10"] for r in lines]
+    rates = [r["train"]["lr"] for r in lines]
+    assert rates[0] == pytest.approx(1e-6)
+    assert rates[1] == rates[0]  # the first validation is always a new best
+    for i in range(1, len(lines) - 1):
+        # epoch i+1 trains at half epoch i's rate when epoch i did not beat the epochs before it
+        flat = scores[i] <= max(scores[:i])
+        assert rates[i + 1] == pytest.approx(rates[i] * (0.5 if flat else 1.0)), i
+    assert rates[-1] < rates[0]
