@@ -456,6 +456,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--start-timeout", type=float, default=300.0,
                     help="seconds a server start may take (the first builds the index)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-env", action="append", default=[], metavar="RAGREC_X=V",
+                    help="extra setting for every server start (repeatable), e.g. RAGREC_TORCH_THREADS=2")
     ap.add_argument("--json", type=Path, default=None, help="write the report here")
     args = ap.parse_args(argv)
     if args.host == "localhost":
@@ -468,6 +470,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("concurrency", "max_requests", "client_procs", "k", "outage_users"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    for kv in args.server_env:
+        if "=" not in kv or not kv.startswith("RAGREC_"):
+            ap.error(f"--server-env {kv!r}: expected RAGREC_NAME=VALUE")
     if args.seconds <= 0 or args.timeout <= 0 or args.warmup < 0:
         ap.error("--seconds and --timeout must be > 0, --warmup >= 0")
     if args.rebuild_cycles < 0 or args.redis_outage < 0 or args.quiet < 0:
@@ -489,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="serve_load-"))
     api_key = secrets.token_hex(16)
-    common = {"RAGREC_INDEX_DIR": str((args.index_dir or work / "index").resolve()), "RAGREC_API_KEY": api_key}
+    common = {"RAGREC_INDEX_DIR": str((args.index_dir or work / "index").resolve()), "RAGREC_API_KEY": api_key,
+              **dict(kv.split("=", 1) for kv in args.server_env)}
     report: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

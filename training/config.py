@@ -42,6 +42,7 @@ class ModelSection(_Strict):
     activation: Literal["gelu", "relu"] = "gelu"
     layer_norm_eps: float = Field(1e-12, gt=0.0)
     init_std: float = Field(0.02, gt=0.0)
+    position: Literal["absolute", "relative", "both"] = "absolute"  # see training/model.py ModelConfig
 
 
 class LossConfig(_Strict):

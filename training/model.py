@@ -32,6 +32,11 @@ class ModelConfig:
     activation: str = "gelu"  # "gelu" | "relu"
     layer_norm_eps: float = 1e-12  # BERT-style post-LN epsilon
     init_std: float = 0.02  # normal init for linear and embedding weights
+    # "absolute": learned position embeddings of the window's columns (SASRec/DuoRec);
+    # "relative": no position embeddings, a learned per-head attention bias by distance (how
+    # many items back a key is from the query); "both". The bias depends only on the query's
+    # column minus the key's, so a causal pass still serves every prefix of its window.
+    position: str = "absolute"
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -40,6 +45,8 @@ class ModelConfig:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
         for name in ("dropout", "attn_dropout"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
@@ -50,6 +57,7 @@ class ModelConfig:
 
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+POSITIONS = ("absolute", "relative", "both")
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -80,20 +88,21 @@ class Dropout(nn.Module):
         return dropout(x, self.p, self.training)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, p: float) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v over the allowed keys, with dropout p on the probabilities.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """softmax(q kᵀ / √d + bias) v over the allowed keys, with dropout p on the probabilities.
 
-    q: (..., Lq, d); k, v: (..., Lk, d); allowed: bool, broadcastable to (..., Lq, Lk),
-    or None for a causal mask (Lq == Lk). Without dropout (or on GPU) this is the fused
-    library kernel; with CPU dropout it is written out so the mask uses ``dropout``.
+    q: (..., Lq, d); k, v: (..., Lk, d); mask broadcastable to (..., Lq, Lk): bool (True =
+    allowed), float (added to the scores; -inf = not allowed), or None for a causal mask
+    (Lq == Lk). Without dropout (or on GPU) this is the fused library kernel; with CPU
+    dropout it is written out so the mask uses ``dropout``.
     """
     if p == 0.0 or q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, is_causal=allowed is None)
-    if allowed is None:
-        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return dropout(probs, p, True) @ v
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return dropout(torch.softmax(scores, dim=-1), p, True) @ v
 
 
 class SelfAttention(nn.Module):
@@ -105,6 +114,15 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.dropout = Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        # (H, max_len) bias by distance query column - key column; starts at 0 (plain attention)
+        self.recency = nn.Parameter(torch.zeros(cfg.n_heads, cfg.max_len)) if cfg.position != "absolute" else None
+
+    def _bias(self, cols: torch.Tensor, length: int) -> torch.Tensor:
+        """Additive mask for queries at ``cols`` (Q,) over keys 0..length-1: (H, Q, length)."""
+        assert self.recency is not None
+        dist = cols.unsqueeze(1) - torch.arange(length, device=cols.device)  # (Q, length)
+        bias = self.recency[:, dist.clamp(min=0)]  # (H, Q, length)
+        return bias.masked_fill(dist < 0, float("-inf"))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         # (..., L, D) -> (..., H, L, D/H)
@@ -117,7 +135,9 @@ class SelfAttention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         if select is None:
             # Causal mask only: with left alignment a real query never sees padding.
-            y = attention(self._heads(q), self._heads(k), self._heads(v), None, p)
+            length = x.shape[1]
+            mask = None if self.recency is None else self._bias(torch.arange(length, device=x.device), length)
+            y = attention(self._heads(q), self._heads(k), self._heads(v), mask, p)
             y = y.transpose(1, 2).reshape(x.shape)  # (B, L, D)
             residual = x
         else:
@@ -127,8 +147,11 @@ class SelfAttention(nn.Module):
             qs = self._heads(q.reshape(-1, dim).index_select(0, flat).unsqueeze(1))  # (P, H, 1, D/H)
             ks = self._heads(k.index_select(0, rows))  # (P, H, L, D/H)
             vs = self._heads(v.index_select(0, rows))
-            allowed = torch.arange(length, device=x.device) <= cols.unsqueeze(1)  # (P, L)
-            y = attention(qs, ks, vs, allowed[:, None, None, :], p)
+            if self.recency is None:
+                mask = (torch.arange(length, device=x.device) <= cols.unsqueeze(1))[:, None, None, :]  # (P,1,1,L)
+            else:
+                mask = self._bias(cols, length).transpose(0, 1).unsqueeze(2)  # (P, H, 1, L)
+            y = attention(qs, ks, vs, mask, p)
             y = y.reshape(len(rows), dim)  # (P, D)
             residual = x.reshape(-1, dim).index_select(0, flat)
         return self.norm(residual + self.dropout(self.out(y)))
@@ -166,7 +189,7 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=0)
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim) if cfg.position != "relative" else None
         self.emb_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.emb_dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -205,17 +228,20 @@ class SequenceEncoder(nn.Module):
                 raise ValueError("every sequence needs at least one item")
             rows = torch.arange(batch, device=item_seq.device)
             cols = lengths - 1
-        positions = torch.arange(length, device=item_seq.device)
-        x = self.item_emb(item_seq) + self.pos_emb(positions)  # (B, L, D)
-        x = self.emb_dropout(self.emb_norm(x))
+        x = self.emb_dropout(self.emb_norm(self._embed(item_seq)))  # (B, L, D)
         for block in self.blocks[:-1]:
             x = block(x)
         return self.blocks[-1](x, (rows, cols))  # (P, D)
 
+    def _embed(self, item_seq: torch.Tensor) -> torch.Tensor:
+        x = self.item_emb(item_seq)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(item_seq.shape[1], device=item_seq.device))
+        return x
+
     def all_positions(self, item_seq: torch.Tensor) -> torch.Tensor:
         """Every column's representation: (B, L, D). Padding columns hold garbage."""
-        positions = torch.arange(item_seq.shape[1], device=item_seq.device)
-        x = self.emb_dropout(self.emb_norm(self.item_emb(item_seq) + self.pos_emb(positions)))
+        x = self.emb_dropout(self.emb_norm(self._embed(item_seq)))
         for block in self.blocks:
             x = block(x)
         return x

@@ -10,11 +10,20 @@ from training.model import ModelConfig, SequenceEncoder, duorec_loss, info_nce
 def tiny(**kw) -> SequenceEncoder:
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=30, max_len=8, dim=16, n_layers=2, n_heads=2, inner=32, **kw)
-    return SequenceEncoder(cfg).eval()
+    model = SequenceEncoder(cfg).eval()
+    with torch.no_grad():  # a trained-looking recency bias (it starts at zero)
+        for block in model.blocks:
+            if block.attn.recency is not None:
+                block.attn.recency.normal_(std=1.0)
+    return model
 
 
-def test_shapes_default_selection_is_last_real_item():
-    model = tiny()
+positions = pytest.mark.parametrize("position", ["absolute", "relative", "both"])
+
+
+@positions
+def test_shapes_default_selection_is_last_real_item(position):
+    model = tiny(position=position)
     seq = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
     h = model(seq)
     assert h.shape == (2, 16)
@@ -24,8 +33,9 @@ def test_shapes_default_selection_is_last_real_item():
     torch.testing.assert_close(h[1], full[1, 4])
 
 
-def test_causality_later_items_never_change_earlier_outputs():
-    model = tiny()
+@positions
+def test_causality_later_items_never_change_earlier_outputs(position):
+    model = tiny(position=position)
     seq = torch.tensor([[3, 9, 4, 17, 2, 5]])
     changed = seq.clone()
     changed[0, 4:] = torch.tensor([21, 22])
@@ -34,8 +44,9 @@ def test_causality_later_items_never_change_earlier_outputs():
     assert not torch.allclose(a[:, 4:], b[:, 4:])
 
 
-def test_padding_after_prefix_does_not_matter():
-    model = tiny()
+@positions
+def test_padding_after_prefix_does_not_matter(position):
+    model = tiny(position=position)
     short = torch.tensor([[3, 9, 4]])
     padded = torch.tensor([[3, 9, 4, 0, 0, 0]])
     longer = torch.tensor([[3, 9, 4, 11, 12, 13]])
@@ -44,8 +55,9 @@ def test_padding_after_prefix_does_not_matter():
     torch.testing.assert_close(model(short), model(longer, rows, cols))
 
 
-def test_selected_rows_match_full_pass():
-    model = tiny()
+@positions
+def test_selected_rows_match_full_pass(position):
+    model = tiny(position=position)
     seq = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 0, 0, 0]])
     rows = torch.tensor([0, 0, 1, 0])
     cols = torch.tensor([0, 5, 2, 3])
@@ -53,11 +65,28 @@ def test_selected_rows_match_full_pass():
     torch.testing.assert_close(model(seq, rows, cols), full[rows, cols])
 
 
+def test_recency_bias_is_used_and_trained_through_the_dropout_path():
+    model = tiny(position="relative")
+    assert model.pos_emb is None
+    seq = torch.tensor([[3, 9, 4, 17, 2, 5]])
+    before = model(seq)
+    with torch.no_grad():
+        model.blocks[0].attn.recency[:, 1] += 5.0  # favour the previous item
+    assert not torch.allclose(before, model(seq))
+    model.train()  # CPU dropout path: the bias is added to the written-out scores
+    loss = model.scores(model(seq, torch.tensor([0, 0]), torch.tensor([2, 5]))).logsumexp(-1).sum()
+    loss.backward()
+    assert model.blocks[0].attn.recency.grad is not None
+    assert model.blocks[0].attn.recency.grad.abs().sum() > 0
+
+
 def test_bad_settings_raise_with_value():
     with pytest.raises(ValueError, match="n_heads=3"):
         ModelConfig(n_items=5, dim=16, n_heads=3)
     with pytest.raises(ValueError, match="dropout"):
         ModelConfig(n_items=5, dropout=1.0)
+    with pytest.raises(ValueError, match="position"):
+        ModelConfig(n_items=5, position="rotary")
     model = tiny()
     with pytest.raises(ValueError, match="exceeds max_len"):
         model(torch.ones(1, 9, dtype=torch.long))
