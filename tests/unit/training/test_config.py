@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from training.config import ConfigError, load_config
@@ -59,3 +61,10 @@ def test_window_chunk_cannot_exceed_the_input_length():
     with pytest.raises(ConfigError, match="window_chunk"):
         load_config(None, ["data.max_seq_len=10", "train.window_chunk=11"])
     assert load_config(None, ["data.max_seq_len=10", "train.window_chunk=10"]).train.window_chunk == 10
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[3].joinpath("configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.data.max_seq_len >= 1
