@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 
 from app.engine import Engine, MicroBatcher
@@ -80,10 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the model (in a thread: it reads files and data), open the store, serve the index."""
     settings: Settings = app.state.settings
     metrics: ServiceMetrics = app.state.metrics
-    if settings.torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.torch_threads)
     engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device,
                                      histories=settings.training_histories)
     engine.on_stage = metrics.observe_stage

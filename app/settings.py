@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0)  # micro-batcher: longest wait for company after a request
     batch_max_size: int = Field(64, ge=1)  # micro-batcher: most requests in one forward pass
     device: str = "cpu"  # torch device for inference
-    torch_threads: int | None = Field(None, ge=1)  # intra-op threads for inference; None: torch's default
+    # intra-op threads for inference. A micro-batch is a few small matrices: a second thread mostly
+    # waits on the first and competes with the event loop (2-core bench/serve_load.py: 695 req/s
+    # with 1 thread vs 594 with torch's default of one per core). Raise it for large batches.
+    torch_threads: int = Field(1, ge=1)
     access_log: bool = False  # uvicorn's line per request (costs CPU under load; the proxy usually logs)
     training_histories: bool = True  # requests by user_id start from the user's history in the run's data
     # Retrieval (runs with ra.pt): the memory bank's versions live here; None: <run_dir>/index
