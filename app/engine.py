@@ -278,11 +278,12 @@ class Engine:
 class MicroBatcher:
     """Collects concurrent `recommend` calls into one `Engine.recommend_batch` run in a worker thread.
 
-    A batch closes `wait_ms` after its first request arrived or when it holds `max_size` requests.
+    A batch closes `wait_ms` after its first request arrived or when it holds `max_size` requests;
+    with `wait_ms=0` (the service's default) it is whatever queued up while the previous batch ran.
     Batches run one at a time, so a burst queues behind the running batch and is then served by one pass.
     """
 
-    def __init__(self, engine: Engine, *, wait_ms: float = 2.0, max_size: int = 64,
+    def __init__(self, engine: Engine, *, wait_ms: float = 0.0, max_size: int = 64,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         if max_size < 1 or wait_ms < 0:
             raise ValueError(f"need max_size >= 1 and wait_ms >= 0, got {max_size}, {wait_ms}")

@@ -370,13 +370,14 @@ def test_redis_outage_degrades_and_recovers(private_redis_server: Any, run_dir: 
 # ------------------------------------------------------------------------------ micro-batching
 
 
-def test_micro_batcher_merges_concurrent_requests(run_dir: Path) -> None:
+@pytest.mark.parametrize("wait_ms", [50, 0])  # 0: no waiting, only what queued up meanwhile
+def test_micro_batcher_merges_concurrent_requests(run_dir: Path, wait_ms: float) -> None:
     engine = Engine.from_run_dir(run_dir)
     toks = engine.vocab.tokens
     queries = [Query(items=toks[i: i + 3], k=5) for i in range(12)] + [Query(items=["cold"], k=3)]
 
     async def main() -> list[Any]:
-        batcher = MicroBatcher(engine, wait_ms=50, max_size=64)
+        batcher = MicroBatcher(engine, wait_ms=wait_ms, max_size=64)
         batcher.start()
         try:
             out = await asyncio.gather(*(batcher.recommend(q) for q in queries))
