@@ -2,7 +2,7 @@
 
 Tests swap any of them with `app.dependency_overrides[get_engine] = ...`.
 They are coroutines on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, and a
-request with five of them paid five thread hand-offs (a third of the service's CPU under load).
+request with five of them paid five thread hand-offs (about a quarter of the server's CPU under load).
 """
 
 from __future__ import annotations

@@ -331,6 +331,10 @@ class Trainer:
                 log.info("epoch %d  loss %.4f  %.1fs  valid NDCG@10 %.4f HR@10 %.4f  (best %.4f @ %d)",
                          epoch, stats["loss"], stats["seconds"], score, valid["HR@10"], self.best_score,
                          self.best_epoch)
+            if self.world.size > 1:  # rank 0 alone validates, so it alone decays: every rank takes its rate
+                lr = distributed.broadcast_object(self.optimizer.param_groups[0]["lr"])
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             record["wall_seconds"] = time.perf_counter() - began  # this session: training + validation
             if self.world.is_main:
                 append_jsonl(self.out / "metrics.jsonl", record)
