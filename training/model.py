@@ -55,6 +55,11 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def matches(self, saved: dict) -> bool:
+        """Whether a checkpoint's ``model_config`` describes this model; fields added since it
+        was written count with their defaults."""
+        return ModelConfig(**saved).to_dict() == self.to_dict()
+
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 POSITIONS = ("absolute", "relative", "both")

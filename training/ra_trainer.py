@@ -44,7 +44,7 @@ from training.config import RunConfig, dump_config
 from training.data import DataError, Vocabulary, leave_one_out, pad_prefixes
 from training.evaluate import EvalResult, evaluate_scorer, paired_bootstrap
 from training.io import append_jsonl, atomic_write, atomic_write_json
-from training.model import ModelConfig, SequenceEncoder
+from training.model import SequenceEncoder
 from training.ra_bank import BankEntries, encode_prefixes, entry_usefulness, retrieval_quality
 from training.ra_diagnostics import RunningMean, neighbour_stats, parameter_drift, snapshot
 from training.ra_losses import USEFULNESS, ra_loss, usefulness_log_probs
@@ -653,7 +653,7 @@ class RATrainer:
         blob = torch.load(path, map_location=self.device, weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != RA_CHECKPOINT_FORMAT:
             raise RunError(f"{path} is not a checkpoint of the retrieval-augmented stage")
-        if ModelConfig(**blob["model_config"]).to_dict() != self.model.encoder.cfg.to_dict():
+        if not self.model.encoder.cfg.matches(blob["model_config"]):
             raise RunError(f"{path} was trained with a different model shape or vocabulary; "
                            "resume with the same config and data")
         changed = sorted(k for k, v in self.ra.model_dump().items()

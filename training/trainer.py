@@ -37,7 +37,7 @@ from training.data import DataError, leave_one_out, pad_prefixes
 from training.ema import WeightAverage
 from training.evaluate import EvalResult, evaluate_scorer
 from training.io import append_jsonl, atomic_write_json
-from training.model import ModelConfig, duorec_loss
+from training.model import duorec_loss
 from training.run import (
     RunError,
     atomic_torch_save,
@@ -407,7 +407,7 @@ class Trainer:
         blob = distributed.run_on_main(lambda: torch.load(path, map_location="cpu", weights_only=True))
         if blob.get("format") != CHECKPOINT_FORMAT:
             raise RunError(f"{path} is not a ragrec training checkpoint")
-        if ModelConfig(**blob["model_config"]).to_dict() != self.model.cfg.to_dict():  # defaults of newer fields
+        if not self.model.cfg.matches(blob["model_config"]):
             raise RunError(f"{path} was trained with a different model shape or vocabulary; "
                            "resume with the same config and data")
         self.model.load_state_dict(blob["model"], strict=True)
