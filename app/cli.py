@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Retrieval-augmented sequential recommender.")
 data_app = typer.Typer(no_args_is_help=True, help="Fetch or generate interaction data.")
@@ -31,6 +32,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, RunError, ReportError, ReportDependencyError, FileNotFoundError, PermissionError)
 
 
+def _settings_error(exc: ValidationError) -> str:
+    """One line naming each bad RAGREC_* variable, its value and what is wrong with it."""
+    bad = [f"RAGREC_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
+    return "invalid setting " + "; ".join(bad)
+
+
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn expected exceptions into one clear line and a non-zero exit."""
 
@@ -40,6 +47,11 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except _expected_errors() as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+        except ValidationError as exc:
+            if exc.title != "Settings":  # only the service settings come from the environment
+                raise
+            typer.echo(f"error: {_settings_error(exc)}", err=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: completed epochs are checkpointed; rerun with --resume to continue", err=True)
@@ -193,9 +205,11 @@ def serve(
     """Serve a trained run over HTTP (FastAPI + uvicorn); API docs at /docs."""
     import socket
 
+    from app.settings import Settings
     from training.run import RunError
 
     run_dir = _finished_run(run)
+    Settings(run_dir=run_dir)  # a bad RAGREC_* value: one line and exit 2 (friendly), before anything starts
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
