@@ -1,13 +1,17 @@
 # make main   — ML-100K -> DuoRec -> retrieval-augmented fine-tuning -> index -> service on :8000
 #               (creates .venv on first use; prints a sample recommendation; serves until Ctrl-C)
 # make test   — run the whole test suite (creates .venv on first use)
-.PHONY: main test env lint bench-train bench-index clean
+# make stack-smoke — build the images, run the compose stack on loopback, fault checks (root, docker.io; ~15 min)
+.PHONY: main test env lint bench-train bench-index clean stack-smoke
 
 main:
 	bash scripts/main.sh
 
 test:
 	bash scripts/test.sh
+
+stack-smoke:
+	bash scripts/stack_smoke.sh
 
 env:
 	bash scripts/setup_env.sh
