@@ -399,6 +399,11 @@ def main() -> None:
                     help="api rebuild_under_load kill_replica kill_redis down_up kill_worker")
     args = ap.parse_args()
     checks = Checks(Stack(args.compose, args.api_key), args.results, args.rebuild_interval, args.lock_ttl)
+    # both replicas serve an index (one built it at start-up, the other picked it up) before checking
+    ready = wait_for(lambda: all(call(p, "GET", "/readyz", timeout=2)[0] == 200 for p in (API, API2)), timeout=180)
+    checks.record("both replicas ready (model, store, index)", ready is not None,
+                  f"{ready and round(ready, 1)} s after up; " + "; ".join(
+                      f":{p} {call(p, 'GET', '/readyz', timeout=2)[1]}" for p in (API, API2)))
     order = ["api", "rebuild_under_load", "kill_replica", "kill_redis", "down_up", "kill_worker"]
     for name in order:
         if args.only is not None and name not in args.only:

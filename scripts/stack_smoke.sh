@@ -13,6 +13,7 @@
 #   RETRAIN=1     train even if the artifacts volume already holds a finished run
 #   PURGE=1       also remove the volumes (trained run, data, Redis) at the end
 #   PROJECT       compose project name (default ragrec-smoke)
+#   CONTEXT=worktree  build the images from the checkout as it is (default: the last commit)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 BASE=ragrec-base:bookworm
@@ -68,7 +69,7 @@ cleanup() {
   compose --profile train down --remove-orphans ${PURGE:+--volumes} >/dev/null 2>&1
   docker rm -f "$PROJECT-badinput" >/dev/null 2>&1
   docker volume rm "$PROJECT-empty" >/dev/null 2>&1
-  rm -f docker/certs/ca.crt docker/wheels/*.whl
+  [ -n "${CTX:-}" ] && rm -rf "$CTX"
   if [ -n "$STARTED_ENGINE" ]; then kill "$STARTED_ENGINE" 2>/dev/null; wait "$STARTED_ENGINE" 2>/dev/null; fi
   left=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" 2>/dev/null | wc -l)
   echo "containers of $PROJECT still running: $left"
@@ -83,21 +84,29 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   record "base image" 0 "$(( $(date +%s) - t0 )) s"
 fi
 
-# Build inputs, removed again at teardown: pip's CA bundle (builder stage only) and the torch wheel.
+# The build context: the committed tree (git archive HEAD), so work in progress in the checkout never
+# reaches an image (CONTEXT=worktree builds the checkout as it is), plus two build inputs: pip's CA
+# bundle (builder stage only) and the local torch CPU wheel.
+CTX=$(mktemp -d /tmp/ragrec-context.XXXXXX)
+if [ "${CONTEXT:-head}" = worktree ]; then
+  tar -c --exclude=./.git --exclude=./.venv --exclude=./runs --exclude=./data . | tar -x -C "$CTX"
+else
+  git archive HEAD | tar -x -C "$CTX"
+fi
 cert=${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}
-[ -n "$cert" ] && [ -f "$cert" ] && cp "$cert" docker/certs/ca.crt
+[ -n "$cert" ] && [ -f "$cert" ] && cp "$cert" "$CTX/docker/certs/ca.crt"
 torch_source=
 links=${PIP_FIND_LINKS:-$(pip config get global.find-links 2>/dev/null || true)}
 wheel=$(ls "$links"/torch-2.13.0+cpu-cp311-*.whl 2>/dev/null | head -1)
 if [ -n "$wheel" ]; then
-  ln -f "$wheel" docker/wheels/ 2>/dev/null || cp "$wheel" docker/wheels/
+  ln -f "$wheel" "$CTX/docker/wheels/" 2>/dev/null || cp "$wheel" "$CTX/docker/wheels/"
   torch_source="--find-links /wheels"
 fi
 
 build() {  # build TAG DOCKERFILE [build args...]
   local tag=$1 file=$2; shift 2
   local t0; t0=$(date +%s)
-  if DOCKER_BUILDKIT=0 nice -n 19 docker build --network host -q -f "$file" -t "$tag" "$@" . >"$LOG/build-$tag.log" 2>&1; then
+  if DOCKER_BUILDKIT=0 nice -n 19 docker build --network host -q -f "$CTX/$file" -t "$tag" "$@" "$CTX" >"$LOG/build-$tag.log" 2>&1; then
     local size; size=$(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}')
     record "build $tag" 0 "$(( $(date +%s) - t0 )) s, $size"
   else
