@@ -96,6 +96,16 @@ def data_synthetic(
     typer.echo(f"{out}: {len(inter.users)} interactions")
 
 
+def _is_retrieval_config(path: Path) -> bool:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports it
+    return isinstance(raw, dict) and "retrieval" in raw
+
+
 @app.command()
 @friendly
 def train(
@@ -118,6 +128,15 @@ def train(
         overrides.append("train.shuffle_targets=true")
     if resume and config is None and (out / "config.yaml").is_file():
         config = out / "config.yaml"
+    if config is not None and _is_retrieval_config(config):  # stage 2: retrieval on a frozen base run
+        from training.ra.config import load_retrieval_config
+        from training.ra.runner import run_retrieval_stage
+
+        if resume:
+            typer.echo("note: the retrieval stage takes minutes and starts afresh; --resume is ignored", err=True)
+        metrics = run_retrieval_stage(load_retrieval_config(config, overrides), out)
+        typer.echo(json.dumps({k: metrics[k] for k in ("valid", "test", "test_unmasked")}, indent=2))
+        return
     cfg = load_config(config, overrides)
     progress = None if os.environ.get("RANK", "0") == "0" else False  # under torchrun: rank 0's bar only
     if cfg.ra.enabled:  # stage 2: retrieval-augmented fine-tuning of the DuoRec run in ra.pretrained

@@ -44,8 +44,8 @@ async def get_jobs(request: Request) -> Jobs:
     """The replica's job runner; 409 when the served run has no retrieval model (nothing to index)."""
     jobs = request.app.state.jobs
     if jobs is None:
-        raise HTTPException(409, "this service runs a model without retrieval (no ra.pt in its run directory); "
-                                 "train the retrieval-augmented stage to get an index")
+        raise HTTPException(409, "this service runs a model without retrieval (no retrieval.pt in its run directory); "
+                                 "run the retrieval stage (configs/ml100k-ra.yaml) to get an index")
     return jobs
 
 

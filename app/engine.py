@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from retriever import MemoryBank, SearchResult
     from training.data import Vocabulary
     from training.model import SequenceEncoder
-    from training.ra_model import RAModel, RAOutput
+    from training.ra.bundle import RetrievalBundle, Scored
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Recommendation:
     retrieval_used: bool = False
     index_version: str | None = None
     neighbours: list[dict] | None = None  # with explain and retrieval: the neighbours used, best first
-    fusion: dict | None = None  # with explain and retrieval: alpha/gate summary
+    fusion: dict | None = None  # with explain and retrieval: the retrieval side's share of the output
 
 
 @dataclass
@@ -88,11 +88,12 @@ def read_run_data(run_dir: Path, vocab: Vocabulary, n_items: int) -> RunFiles:
 
 
 class Engine:
-    """A loaded model, its vocabulary, item popularity and, for a retrieval-augmented run, the RA
-    model and the serving index. Thread-safe for inference."""
+    """A loaded model, its vocabulary, item popularity and, for a retrieval run, its retrieval
+    bundle and the serving index. Without retrieval a request is answered by the base model
+    alone, the one the bundle was fitted on. Thread-safe for inference."""
 
     def __init__(self, model: SequenceEncoder, vocab: Vocabulary, popularity: np.ndarray, *, model_version: str,
-                 device: str = "cpu", ra: RAModel | None = None, ra_config: dict | None = None,
+                 device: str = "cpu", ra: RetrievalBundle | None = None,
                  histories: dict[str, np.ndarray] | None = None, run_dir: Path | None = None) -> None:
         n_items = model.cfg.n_items
         if len(vocab) - 1 != n_items:
@@ -100,11 +101,9 @@ class Engine:
         if popularity.shape != (n_items,):
             raise ValueError(f"popularity must have shape ({n_items},), got {popularity.shape}")
         if ra is not None and ra.encoder is not model:
-            raise ValueError("the RA model must wrap the served encoder")
+            raise ValueError("the retrieval bundle must wrap the served encoder")
         self.model = model.to(device).eval()
         self.ra = ra
-        self.ra_config = ra_config or {}  # the RA stage's config (k, values, fusion, ...) from ra.pt
-        self.ra_k = int(self.ra_config.get("k", 20))  # neighbours per query
         self.vocab = vocab
         self.device = torch.device(device)
         self.n_items = n_items
@@ -128,29 +127,28 @@ class Engine:
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, *, device: str = "cpu", histories: bool = True) -> Engine:
-        """Load a finished run: ``model.pt``, and ``ra.pt`` when the run is retrieval-augmented.
+        """Load a finished run: ``model.pt``, and ``retrieval.pt`` for a retrieval run.
         histories: read users' training-data histories (requests by user_id start from them)."""
         from training.data import Vocabulary
-        from training.ra_bundle import load_ra_model
+        from training.ra.bundle import load_bundle
         from training.run import RunError, load_model_file
 
         run = Path(run_dir)
         for name in ("config.yaml", "model.pt", "items.json"):
             if not (run / name).is_file():
                 raise RunError(f"{run} is not a finished run: {name} is missing")
-        ra, ra_config = None, None
-        if (run / "ra.pt").is_file():
-            ra, blob = load_ra_model(run, map_location=device)
-            model, ra_config = ra.encoder, blob["ra_config"]
-        else:
-            model, blob = load_model_file(run / "model.pt", map_location=device)
+        ra = None
+        model, blob = load_model_file(run / "model.pt", map_location=device)
+        if (run / "retrieval.pt").is_file():
+            ra = load_bundle(run, map_location=device)
+            model = ra.encoder
         vocab = Vocabulary.load(run / "items.json")
         files = read_run_data(run, vocab, model.cfg.n_items)
         version = f"{run.name}@{str(blob.get('checksum', 'unknown'))[:12]}"
         logger.info("loaded %s (%s): %d items, max_len %d, popularity from %s", version,
-                    "retrieval-augmented" if ra is not None else "base model", model.cfg.n_items,
+                    f"retrieval: {ra.design}" if ra is not None else "base model", model.cfg.n_items,
                     model.cfg.max_len, files.source)
-        return cls(model, vocab, files.popularity, model_version=version, device=device, ra=ra, ra_config=ra_config,
+        return cls(model, vocab, files.popularity, model_version=version, device=device, ra=ra,
                    histories=files.histories if histories else None, run_dir=run)
 
     def _known_ids(self, tokens: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -198,7 +196,7 @@ class Engine:
                 h = self.model(batch.to(self.device))  # (B', D)
                 logits = self.model.scores(h)  # (B', n_items)
                 self._timed("model", start)
-                extras = self._retrieve(queries, warm, h, logits)
+                extras = self._retrieve(queries, warm, [seqs[i] for i in warm], h, logits)
             scores[warm] = logits.float().cpu()
 
         rows = np.repeat(np.arange(len(excluded)), [len(e) for e in excluded])
@@ -213,6 +211,8 @@ class Engine:
             keep = torch.isfinite(s)  # masked items never appear, even when k exceeds what is left
             s, c = s[keep], c[keep]
             extra = extras.get(row, {})
+            if "explain" in extra:
+                extra.update(extra.pop("explain")(c.numpy() + 1))
             out.append(Recommendation(
                 items=self.vocab.decode(c.numpy() + 1), scores=s.tolist(),
                 fallback=None if len(seqs[row]) else "popular", unknown_items=unknowns[row],
@@ -221,58 +221,93 @@ class Engine:
                 neighbours=extra.get("neighbours"), fusion=extra.get("fusion")))
         return out
 
-    def fuse_with(self, bank: MemoryBank, h: torch.Tensor, *, exclude_user: np.ndarray | None = None,
-                  timed: bool = False) -> tuple[RAOutput, SearchResult]:
-        """Search ``bank`` with the retriever's queries for h (B, D) and fuse: the RA model's output
-        (``scores_fused`` (B, n_items)) and the search result. Needs a retrieval-augmented run.
-        timed: report the "search" and "fusion" stages to ``on_stage``."""
-        from training.fusion import CrossAttentionRetrieval
-        from training.ra_bundle import neighbours_from_result
+    def seen_rows(self, seqs: list[np.ndarray]) -> torch.Tensor:
+        """(R, n_items) bool: the items of each sequence (the vote gives them nothing)."""
+        seen = torch.zeros(len(seqs), self.n_items, dtype=torch.bool)
+        rows = np.repeat(np.arange(len(seqs)), [len(x) for x in seqs])
+        if len(rows):
+            seen[torch.from_numpy(rows), torch.from_numpy(np.concatenate(seqs) - 1)] = True
+        return seen
 
+    def score_with_bank(self, bank: MemoryBank, h: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor, *,
+                        exclude_user: np.ndarray | None = None, timed: bool = False
+                        ) -> tuple[Scored, SearchResult, np.ndarray]:
+        """Search ``bank`` for h (R, D) and score with the retrieval design: (scores and
+        evidence, the search result, the neighbours' next items (R, K, m)). exclude_user: (R,)
+        payload users whose entries a query must not see (-1: none), used when the run's
+        own-user rule is "exclude". timed: report the "search" and "fusion" stages."""
         if self.ra is None:
             raise RuntimeError("this run has no retrieval model")
+        b = self.ra
         start = time.perf_counter()
-        q = self.ra.retriever(h).float().cpu().numpy()  # (B, D) unit queries
-        res = bank.search(q, min(self.ra_k, len(bank)), exclude_user=exclude_user)
-        keys = bank.vectors_of(res.I) if isinstance(self.ra.retrieval, CrossAttentionRetrieval) else None
+        keys = b.keys_of(h.float().cpu())
+        if b.own_user != "exclude":
+            exclude_user = None
+        res = bank.search(keys, min(b.k, len(bank)), exclude_user=exclude_user)
+        if res.values is None:
+            raise RuntimeError("the served bank has no payload values; rebuild the index")
+        items, nb_h = b.unpack_values(res.values)
         if timed:
             start = self._timed("search", start)
-        out = self.ra.fuse(h, neighbours_from_result(self.ra, res, keys=keys, device=self.device))
+        out = b.score(h.float().cpu(), logits.float().cpu(), res.D, res.found, items, nb_h, seen)
         if timed:
             self._timed("fusion", start)
-        return out, res
+        return out, res, items
 
-    def _retrieve(self, queries: list[Query], warm: list[int], h: torch.Tensor, logits: torch.Tensor
-                  ) -> dict[int, dict]:
-        """Replace the ``logits`` rows of queries that want retrieval by the fused scores, in place.
-        Returns per query: the index version that answered and, with explain, the evidence."""
+    def _retrieve(self, queries: list[Query], warm: list[int], seqs: list[np.ndarray], h: torch.Tensor,
+                  logits: torch.Tensor) -> dict[int, dict]:
+        """Replace the ``logits`` rows of queries that want retrieval by the scores with retrieval,
+        in place. Returns per query: the index version that answered and, with explain, a function
+        of the returned item ids that gives the neighbours and their contributions to them."""
         serving = self.index.serving if self.index is not None else None
         rows = [r for r, i in enumerate(warm) if queries[i].use_retrieval]
         if self.ra is None or serving is None or not rows:
             return {}
-        hr = h[rows]
         own = np.array([serving.user_rows.get(queries[warm[r]].user_id or "", -1) for r in rows], dtype=np.int64)
-        out, res = self.fuse_with(serving.bank, hr, exclude_user=own, timed=True)  # other users' entries only
-        logits[rows] = out.scores_fused.to(logits.dtype)
+        out, res, items = self.score_with_bank(serving.bank, h[rows], logits[rows],
+                                               self.seen_rows([seqs[r] for r in rows]), exclude_user=own, timed=True)
+        logits[rows] = out.scores.to(logits.dtype)
 
         extras: dict[int, dict] = {}
-        weights = out.retrieved.weights.float().cpu().numpy()  # (R, K)
-        alpha = out.fusion.alpha.float().cpu()  # (R, 1) or (R, D)
         for j, r in enumerate(rows):
             extra: dict[str, Any] = {"index_version": serving.version}
             if queries[warm[r]].explain:
-                found = res.I[j] >= 0
-                extra["neighbours"] = [
-                    {"user_id": serving.user_names[int(u)], "target_item": self.vocab.decode([int(t)])[0],
-                     "position": int(p), "similarity": float(d), "weight": float(w)}
-                    for u, t, p, d, w, f in zip(res.users[j], res.targets[j], res.positions[j], res.D[j],
-                                                weights[j], found, strict=True) if f]
-                a = alpha[j]
-                extra["fusion"] = {"kind": type(self.ra.fusion).__name__, "temperature": self.ra.temperature,
-                                   "alpha_mean": float(a.mean()), "alpha_std": float(a.std(unbiased=False)),
-                                   "alpha_min": float(a.min()), "alpha_max": float(a.max())}
+                extra["explain"] = self._explainer(serving, res, items, out, j)
             extras[warm[r]] = extra
         return extras
+
+    def _explainer(self, serving, res: SearchResult, items: np.ndarray, out: Scored, j: int
+                   ) -> Callable[[np.ndarray], dict]:
+        """Evidence for query row j, given the item ids finally returned: every neighbour (user,
+        its next items, similarity, weight) and what it added to each returned item's score."""
+        weights = out.weights[j].float().numpy()
+        contrib = None if out.contrib is None else out.contrib[j].float().numpy()  # (K, m)
+        share = out.share[j].float()
+
+        def explain(returned: np.ndarray) -> dict:
+            wanted = {int(i) for i in returned}
+            neighbours = []
+            for k in range(min(len(weights), res.I.shape[1])):
+                if res.I[j, k] < 0:
+                    continue
+                nxt = [int(x) for x in items[j, k] if x > 0]
+                adds: dict[str, float] = {}
+                if contrib is not None:
+                    for col, item in enumerate(items[j, k, : contrib.shape[1]]):
+                        if int(item) in wanted and contrib[k, col] > 0:
+                            name = self.vocab.decode([int(item)])[0]
+                            adds[name] = adds.get(name, 0.0) + float(contrib[k, col])
+                neighbours.append({
+                    "user_id": serving.user_names[int(res.users[j, k])],
+                    "target_item": self.vocab.decode([nxt[0]])[0] if nxt else "",
+                    "next_items": self.vocab.decode(nxt), "position": int(res.positions[j, k]),
+                    "similarity": float(res.D[j, k]), "weight": float(weights[k]), "contributions": adds})
+            return {"neighbours": neighbours, "fusion": {
+                "kind": self.ra.design, "temperature": self.ra.vote.tau if self.ra.design == "vote" else None,
+                "alpha_mean": float(share.mean()), "alpha_std": float(share.std(unbiased=False)),
+                "alpha_min": float(share.min()), "alpha_max": float(share.max())}}
+
+        return explain
 
 
 class MicroBatcher:

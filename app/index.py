@@ -1,9 +1,11 @@
-"""The service's memory bank: built from users' sequences with the served RA model, published as
-versioned artifacts, loaded and swapped under live traffic, and grown by events between rebuilds.
+"""The service's memory bank: built from users' sequences with the served retrieval bundle,
+published as versioned artifacts, loaded and swapped under live traffic, and grown by events
+between rebuilds.
 
-An entry is one (prefix, next item) pair of one user: key = the retriever's vector for the
-prefix, payload target = the next item, user = an index into the version's user names (saved
-with it as an attachment), position = where the target sits in that user's sequence.
+An entry is one prefix of one user: key = the bundle's unit vector for the prefix, payload
+target = the next item, user = an index into the version's user names (saved with it as an
+attachment), position = where the target sits in that user's sequence, values = the next m
+items and, for the head, the prefix's representation (``RetrievalBundle.pack_values``).
 
 Threads: searches read ``serving`` once and keep that ``ServingIndex`` to the end; ``swap``
 replaces it in one assignment; ``add_live`` mutates the serving bank under ``_names_lock`` (the
@@ -26,7 +28,7 @@ from retriever import ArtifactStore, MemoryBank, validate_bank
 from retriever.errors import RetrieverError, UnknownVersion
 
 if TYPE_CHECKING:
-    from training.ra_model import RAModel
+    from training.ra.bundle import RetrievalBundle
 
 logger = logging.getLogger(__name__)
 
@@ -61,37 +63,45 @@ def examples(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.arange(len(rows), dtype=np.int64) - first + MIN_PREFIX
 
 
-def build_bank(model: RAModel, sequences: list[np.ndarray], rows: np.ndarray, positions: np.ndarray, *,
-               store_values: bool, users: np.ndarray | None = None) -> MemoryBank:
-    """A bank of the (row, position) examples of ``sequences`` (id arrays), keyed by ``model``'s
-    retriever. store_values: keep each prefix's h (models whose knowledge vector reads neighbours'
-    sequence representations). users: (M,) payload user per example (default: the row)."""
-    from training.ra_bundle import encode_examples
+def next_items(sequences: list[np.ndarray], rows: np.ndarray, positions: np.ndarray, m: int,
+               limits: np.ndarray | None = None) -> np.ndarray:
+    """(M, m) int64 sequences[row][position + j] for j < m; 0 past the sequence or past
+    limits[row] (the last position a split's bank may know)."""
+    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+    last = lengths - 1 if limits is None else np.minimum(limits, lengths - 1)
+    flat = np.concatenate(sequences) if sequences else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    pos = positions[:, None] + np.arange(m)[None, :]
+    ok = pos <= last[rows][:, None]
+    return np.where(ok, flat[np.where(ok, starts[rows][:, None] + pos, 0)], 0).astype(np.int64)
 
+
+def build_bank(bundle: RetrievalBundle, sequences: list[np.ndarray], rows: np.ndarray, positions: np.ndarray, *,
+               users: np.ndarray | None = None, limits: np.ndarray | None = None) -> MemoryBank:
+    """A bank of the (row, position) examples of ``sequences`` (id arrays), keyed by ``bundle``.
+    users: (M,) payload user per example (default: the row); limits: see ``next_items``."""
     if len(rows) == 0:
         raise RetrieverError("no sequence has two known items: nothing to put in the memory bank")
-    h, keys = encode_examples(model, sequences, rows, positions)
-    targets = np.array([sequences[r][t] for r, t in zip(rows, positions, strict=True)], dtype=np.int64)
-    return MemoryBank(keys, targets, rows if users is None else users, positions,
-                      values=h if store_values else None)
+    h, keys = bundle.encode(sequences, rows, positions)
+    nxt = next_items(sequences, rows, positions, bundle.m, limits)
+    return MemoryBank(keys, nxt[:, 0], rows if users is None else users, positions,
+                      values=bundle.pack_values(nxt, h))
 
 
 def build_and_publish(run_dir: str, index_root: str, histories: dict[str, np.ndarray], *, model_version: str,
                       min_recall: float, keep_versions: int, threads: int = 1, nice: int = 10) -> dict[str, Any]:
-    """A whole rebuild in a child process: load the run's RA model, encode every history, build,
+    """A whole rebuild in a child process: load the run's retrieval bundle, encode every history, build,
     validate and publish a new version (made current). Runs with ``threads`` torch threads at
     ``nice`` priority, so the serving process keeps the CPU it needs; returns ``publish``'s report."""
     import os
 
     import torch
 
-    from training.ra_bundle import bank_stores_values, load_ra_model
+    from training.ra.bundle import load_bundle
 
     os.nice(nice)
     torch.set_num_threads(threads)
-    model, blob = load_ra_model(run_dir)
-    manager = IndexManager(model, index_root, model_version=model_version,
-                           store_values=bank_stores_values(blob["ra_config"]),
+    manager = IndexManager(load_bundle(run_dir), index_root, model_version=model_version,
                            min_recall=min_recall, keep_versions=keep_versions)
     with torch.inference_mode():
         bank, names = manager.build(histories)
@@ -101,10 +111,9 @@ def build_and_publish(run_dir: str, index_root: str, histories: dict[str, np.nda
 class IndexManager:
     """Builds, publishes, loads and serves bank versions under ``root`` (an ``ArtifactStore``)."""
 
-    def __init__(self, model: RAModel, root: str | Path, *, model_version: str,
-                 store_values: bool, min_recall: float = 0.9, keep_versions: int = 5) -> None:
-        self.model = model
-        self.store_values = store_values
+    def __init__(self, bundle: RetrievalBundle, root: str | Path, *, model_version: str,
+                 min_recall: float = 0.9, keep_versions: int = 5) -> None:
+        self.bundle = bundle
         self.store = ArtifactStore(root)
         self.model_version = model_version
         self.min_recall = min_recall
@@ -121,7 +130,7 @@ class IndexManager:
         names = sorted(histories)
         sequences = [histories[n] for n in names]
         rows, positions = examples(sequences)
-        bank = build_bank(self.model, sequences, rows, positions, store_values=self.store_values)
+        bank = build_bank(self.bundle, sequences, rows, positions)
         return bank, names
 
     def publish(self, bank: MemoryBank, user_names: list[str], *, note: str = "") -> dict[str, Any]:
@@ -131,7 +140,7 @@ class IndexManager:
         """
         with self._publish_lock:
             start = time.perf_counter()
-            report = validate_bank(bank, min_recall=self.min_recall, expected_dim=self.model.encoder.cfg.dim)
+            report = validate_bank(bank, min_recall=self.min_recall, expected_dim=self.bundle.encoder.cfg.dim)
             built_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             version = self.store.save(
                 bank, producer_checksum=self.model_version, make_current=True,
@@ -154,7 +163,7 @@ class IndexManager:
         if version is None:
             raise RetrieverError(f"no index version in {self.store.root} yet; build one first")
         bank = self.store.load(version, expect_producer=self.model_version)
-        validate_bank(bank, min_recall=self.min_recall, expected_dim=self.model.encoder.cfg.dim)
+        validate_bank(bank, min_recall=self.min_recall, expected_dim=self.bundle.encoder.cfg.dim)
         names = [str(n) for n in self.store.load_attachment(version, "user_names")]
         meta = self.store.manifest(version).get("extra", {})
         serving = ServingIndex(bank, version, names, meta.get("built_at", "?"), meta.get("model_version"))
@@ -201,11 +210,10 @@ class IndexManager:
                 row = len(serving.user_names)
                 serving.user_names.append(user)
                 serving.user_rows[user] = row
-        from training.ra_bundle import encode_examples
-
-        h, keys = encode_examples(self.model, [sequence], np.zeros(len(positions), dtype=np.int64), positions)
-        values = h if serving.bank.has_values else None
-        serving.bank.add(keys, sequence[positions], np.full(len(positions), row, dtype=np.int64), positions,
-                         values=values)
+        zeros = np.zeros(len(positions), dtype=np.int64)
+        h, keys = self.bundle.encode([sequence], zeros, positions)
+        nxt = next_items([sequence], zeros, positions, self.bundle.m)
+        serving.bank.add(keys, nxt[:, 0], np.full(len(positions), row, dtype=np.int64), positions,
+                         values=self.bundle.pack_values(nxt, h))
         self.live_added += len(positions)
         return len(positions)

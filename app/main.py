@@ -41,14 +41,11 @@ def open_store(settings: Settings) -> Store:
 
 
 async def open_index(engine: Engine, store: Store, settings: Settings, metrics: ServiceMetrics) -> Jobs | None:
-    """For a retrieval-augmented run: serve the current index version (the store's, else the
+    """For a retrieval run: serve the current index version (the store's, else the
     artifact root's), or build the first one. None for a run without retrieval."""
     if engine.ra is None:
         return None
-    from training.ra_bundle import bank_stores_values
-
     manager = IndexManager(engine.ra, settings.index_root, model_version=engine.model_version,
-                           store_values=bank_stores_values(engine.ra_config),
                            min_recall=settings.index_min_recall, keep_versions=settings.index_keep_versions)
     engine.index = manager
     jobs = Jobs(engine, manager, store, settings, metrics)

@@ -42,20 +42,23 @@ class ScoredItem(BaseModel):
 
 
 class Neighbour(BaseModel):
-    """One retrieved memory-bank entry: another user's prefix and the item that followed it."""
+    """One retrieved memory-bank entry: a user's prefix and the items that followed it."""
 
     user_id: str  # whose sequence it is
-    target_item: str  # the item that came next in it
-    position: int  # where that item sits in the user's sequence (0-based)
+    target_item: str  # the item that came next in it ("" when the query may not see it)
+    next_items: list[str] = Field(default_factory=list)  # the items after the prefix that vote, in order
+    position: int  # where target_item sits in the user's sequence (0-based)
     similarity: float  # cosine of the query to the entry's key
-    weight: float  # its retrieval attention weight (the weights sum to 1)
+    weight: float  # its share of the vote, or the reader's attention (the weights sum to at most 1)
+    # what this neighbour added to the score of each returned item (vote: probability mass)
+    contributions: dict[str, float] = Field(default_factory=dict)
 
 
 class FusionSummary(BaseModel):
-    """How much the retrieved knowledge moved the representation: alpha (or the gate) over dims."""
+    """How much of the output retrieval decided: the vote's λ, or the head's copy gate / alpha."""
 
-    kind: str
-    temperature: float  # retrieval softmax temperature
+    kind: str  # the retrieval design: "vote" or "head"
+    temperature: float | None  # the vote's similarity temperature (None for the head)
     alpha_mean: float
     alpha_std: float
     alpha_min: float
@@ -179,6 +182,9 @@ class EvaluateRequest(_In):
                                                            max_length=10)
     bootstrap_resamples: int = Field(2000, ge=100, le=20_000)
     seed: int = 0
+    # drop each sequence's own items from both rankings (what the service serves); false gives
+    # RecBole's unmasked protocol
+    mask_seen: bool = True
 
     @model_validator(mode="after")
     def _one_source(self) -> EvaluateRequest:

@@ -29,7 +29,7 @@ async def run_worker(settings: Settings) -> None:
     engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device,
                                      histories=settings.training_histories)
     if engine.ra is None:
-        raise RunError(f"{settings.run_dir} has no ra.pt: only retrieval-augmented runs have an index to rebuild")
+        raise RunError(f"{settings.run_dir} has no retrieval.pt: only retrieval runs have an index to rebuild")
     store = open_store(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

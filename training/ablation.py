@@ -1,6 +1,6 @@
 """``ragrec ablate``: a grid of retrieval-augmented runs over seeds, from ONE DuoRec checkpoint.
 
-    ragrec ablate --config configs/ml100k-ra.yaml --grid fusion=fixed,gated --grid kl=forward,js \\
+    ragrec ablate --config configs/ml100k-ra-finetune.yaml --grid fusion=fixed,gated --grid kl=forward,js \\
         --seeds 3 --out runs/ablation-NAME [--set ra.epochs=4] [--only-grid]
 
 Axes: any dotted config key (``--grid ra.values=target,both``), the aliases in ``ALIASES``

@@ -56,6 +56,9 @@ class LossConfig(_Strict):
     # at random per batch, so the extra views cost a fraction of a step.
     cl_batch: int | None = Field(None, ge=2)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the recommendation CE over all items
+    # leave the input's own items out of the recommendation softmax (never the target): a base
+    # that learns not to repeat its input, as ML-100K users never do and the service never shows
+    mask_seen: bool = False
 
 
 class TrainConfig(_Strict):

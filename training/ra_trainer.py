@@ -1,6 +1,6 @@
 """Stage 2: retrieval-augmented fine-tuning of a finished DuoRec run.
 
-    ragrec train --config configs/ml100k-ra.yaml --out runs/ml100k-ra --set ra.pretrained=runs/ml100k [--resume]
+    ragrec train --config configs/ml100k-ra-finetune.yaml --out runs/ml100k-ra-ft --set ra.pretrained=runs/ml100k [--resume]
 
 The run directory holds ``config.yaml``, ``items.json``, ``model.pt`` (the best encoder, in
 the DuoRec model format, so ``ragrec evaluate`` and the service read it), ``ra.pt`` (the

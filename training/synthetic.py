@@ -131,6 +131,49 @@ def generate_interactions(
     return Interactions(user_tokens[row_users], item_tokens[ranks], times.astype(np.float64))
 
 
+def generate_trails(
+    n_trails: int,
+    *,
+    users_per_trail: int = 4,
+    trail_length: int = 10,
+    n_popular: int = 50,
+    noise_length: int = 5,
+    zipf_a: float = 1.1,
+    seed: int = 0,
+) -> Interactions:
+    """Many rare item trails, each shared by a few users: a positive control for retrieval.
+
+    Trail j is a fixed sequence of ``trail_length`` items of its own (items no other trail
+    uses). Each of its ``users_per_trail`` users first takes ``noise_length`` popular items
+    (a Zipf draw from ``n_popular``) and then walks the trail from the start, stopping after
+    a uniform number of steps between half of it and all of it (so one user's held-out
+    steps are other users' training steps). A model must
+    memorise every trail's successions from a handful of users to predict them; a memory
+    bank of other users' prefixes holds them verbatim. Ids: users 'u<k>', items 'p<k>'
+    (popular) and 't<j>_<i>' (trail j, step i); one second between events.
+    """
+    if n_trails < 1 or users_per_trail < 1 or trail_length < 2 or n_popular < 1 or noise_length < 0:
+        raise ValueError(f"bad trail setting: n_trails={n_trails}, users_per_trail={users_per_trail}, "
+                         f"trail_length={trail_length}, n_popular={n_popular}, noise_length={noise_length}")
+    rng = np.random.default_rng(seed)
+    pop = np.cumsum(zipf_probabilities(n_popular, zipf_a))
+    users, items = [], []
+    for j in range(n_trails):
+        trail = [f"t{j}_{i}" for i in range(trail_length)]
+        for _ in range(users_per_trail):
+            k = len(users) and int(users[-1][1:]) + 1 if users else 0
+            noise = np.minimum(np.searchsorted(pop, rng.random(noise_length)), n_popular - 1)
+            walk = int(rng.integers(trail_length // 2, trail_length + 1))
+            seq = [f"p{x}" for x in dict.fromkeys(noise.tolist())] + trail[:max(walk, 2)]
+            users += [f"u{k}"] * len(seq)
+            items += seq
+    times = np.zeros(len(users), dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, np.array(users[1:]) != np.array(users[:-1])])
+    steps = np.arange(len(users)) - np.repeat(starts, np.diff(np.r_[starts, len(users)]))
+    times[:] = T0 + steps
+    return Interactions(np.array(users, dtype=object), np.array(items, dtype=object), times)
+
+
 def write_inter(inter: Interactions, path: str | os.PathLike[str]) -> None:
     """Write `inter` as a RecBole atomic .inter file (tab-separated, typed header), atomically."""
     times = inter.timestamps

@@ -60,6 +60,17 @@ CHECKPOINT_FORMAT = "ragrec.duorec.v1"
 # ------------------------------------------------------------------ trainer
 
 
+def seen_in_input(batch, targets: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(n, N) bool: the items of each example's input (its window up to its column), never its target."""
+    win = torch.from_numpy(batch.windows[batch.rows])  # (n, W)
+    cols = torch.from_numpy(batch.cols)
+    inside = torch.arange(win.shape[1])[None, :] <= cols[:, None]
+    mask = torch.zeros(len(win), n_items + 1, dtype=torch.bool)
+    mask.scatter_(1, torch.where(inside, win, 0), True)
+    mask[torch.arange(len(win)), targets.cpu()] = False
+    return mask[:, 1:]
+
+
 class Trainer:
     """setup() -> train() -> cleanup(); save_checkpoint() after every epoch."""
 
@@ -230,6 +241,9 @@ class Trainer:
                 out = self.forward(seq, rows, cols)  # (n + views * m, D)
                 h = out[:n]
                 logits = self.model.scores(h)
+            if cfg.loss.mask_seen:
+                logits = logits.masked_fill(seen_in_input(batch, targets, logits.shape[1]).to(logits.device),
+                                            float("-inf"))
             losses = {"ce": F.cross_entropy(logits.float(), targets - 1, label_smoothing=cfg.loss.label_smoothing)}
             if cfg.loss.contrastive != "none":
                 mode = cfg.loss.contrastive

@@ -26,8 +26,7 @@ from tests.integration.conftest import RA_MAX_LEN as MAX_LEN
 from tests.integration.test_api import LiveServer, client_for
 from training.config import load_config
 from training.data import Vocabulary, pad_prefixes, read_interactions
-from training.fusion import Neighbours
-from training.ra_bundle import load_ra_model
+from training.ra.bundle import load_bundle
 
 ADMIN = {"X-API-Key": "admin-key"}
 
@@ -46,11 +45,14 @@ def served(ra_run: Path, tmp_path: Path) -> Iterator[tuple[httpx.Client, Any]]:
 
 
 class Truth:
-    """Brute-force neighbours and fused rankings from the saved ra.pt and the data file."""
+    """Brute-force neighbours and the neighbour vote, written out in numpy from the saved files
+    (model.pt, retrieval.pt's key centre and vote settings) and the data file."""
 
     def __init__(self, run: Path) -> None:
-        self.model, blob = load_ra_model(run)
-        self.k = blob["ra_config"]["k"]
+        self.bundle = load_bundle(run)
+        self.encoder = self.bundle.encoder
+        self.vote = self.bundle.vote
+        self.k = self.vote.k
         self.vocab = Vocabulary.load(run / "items.json")
         cfg = load_config(run / "config.yaml")
         inter = read_interactions(cfg.data.path)
@@ -60,31 +62,44 @@ class Truth:
         names = sorted(self.histories)
         seqs = [np.asarray(self.histories[n]) for n in names]
         self.entry_user = np.array([n for n, s in zip(names, seqs, strict=True) for _ in range(1, len(s))])
+        self.entry_pos = np.concatenate([np.arange(1, len(s)) for s in seqs])
         self.entry_target = np.concatenate([s[1:] for s in seqs])
         rows = np.repeat(np.arange(len(seqs)), [len(s) - 1 for s in seqs])
-        pos = np.concatenate([np.arange(1, len(s)) for s in seqs])
-        prefixes = torch.from_numpy(pad_prefixes(seqs, rows, pos, MAX_LEN)[0])
+        prefixes = torch.from_numpy(pad_prefixes(seqs, rows, self.entry_pos, MAX_LEN)[0])
         with torch.no_grad():
-            self.keys = self.model.retriever(self.model.encoder(prefixes)).numpy()
+            h = self.encoder(prefixes) - self.bundle.center
+        self.keys = (h / h.norm(dim=1, keepdim=True)).numpy()
 
     @torch.no_grad()
     def top(self, ids: list[int], k: int, *, user: str | None, retrieval: bool = True,
-            exclude_seen: bool = True) -> list[str]:
+            exclude_seen: bool = True, target: int | None = None) -> list[str]:
+        """The top k; with exclude_seen the sequence's items are dropped, except ``target`` (the
+        evaluation protocol never hides the held-out item, which generated data may repeat)."""
         seq = torch.tensor([ids[-MAX_LEN:]])
-        h = self.model.encoder(seq)
-        scores = self.model.encoder.scores(h)
+        h = self.encoder(seq)
+        scores = self.encoder.scores(h)[0].double()
         if retrieval:
-            q = self.model.retriever(h).numpy()[0]
-            sim = self.keys @ q
-            sim[self.entry_user == user] = -np.inf  # a user never retrieves their own entries
+            v = self.vote
+            q = (h[0] - self.bundle.center).numpy()
+            sim = self.keys @ (q / np.linalg.norm(q))
+            sim[self.entry_user == user] = -np.inf  # the run's rule: a user's own entries are excluded
             best = np.argsort(-sim, kind="stable")[: self.k]
-            nb = Neighbours(sim=torch.from_numpy(sim[best][None].astype(np.float32)),
-                            target_emb=self.model.encoder.item_emb(torch.from_numpy(self.entry_target[best][None])),
-                            valid=torch.ones(1, self.k, dtype=torch.bool))
-            scores = self.model.fuse(h, nb).scores_fused
+            p_knn = np.zeros(len(self.vocab) - 1)
+            for b in best:
+                w = np.exp((sim[b] - sim[best[0]]) / v.tau)
+                nxt = self.histories[self.entry_user[b]][self.entry_pos[b]: self.entry_pos[b] + v.m]
+                for j, item in enumerate(nxt):
+                    if item not in ids:
+                        p_knn[item - 1] += w * v.decay ** j
+            if p_knn.sum() > 0:
+                p_knn /= p_knn.sum()
+                scores = (1 - v.lam) * torch.softmax(scores / v.T, dim=0) + v.lam * torch.from_numpy(p_knn)
         if exclude_seen:
-            scores[0, torch.tensor(ids) - 1] = -torch.inf
-        return self.vocab.decode(torch.topk(scores[0], k).indices.numpy() + 1)
+            keep = scores[target - 1].item() if target is not None else None
+            scores[torch.tensor(ids) - 1] = -torch.inf
+            if target is not None:
+                scores[target - 1] = keep
+        return self.vocab.decode(torch.topk(scores, k).indices.numpy() + 1)
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +165,24 @@ def test_explanation_lists_other_users_neighbours(served: tuple[httpx.Client, An
     assert sum(n["weight"] for n in nb) == pytest.approx(1.0, abs=1e-5)
     sims = [n["similarity"] for n in nb]
     assert sims == sorted(sims, reverse=True)
-    for n in nb:  # each neighbour is a real entry: that user's item at that position
-        assert truth.vocab.decode([truth.histories[n["user_id"]][n["position"]]])[0] == n["target_item"]
+    returned = {x["item_id"]: x["score"] for x in body["items"]}
+    added: dict[str, float] = {}
+    for n in nb:  # each neighbour is a real entry: that user's items from that position on
+        seq = truth.histories[n["user_id"]]
+        assert truth.vocab.decode([seq[n["position"]]])[0] == n["target_item"]
+        assert n["next_items"] == truth.vocab.decode(seq[n["position"]: n["position"] + truth.vote.m])
+        assert set(n["contributions"]) <= returned.keys() & set(n["next_items"])
+        for item, c in n["contributions"].items():
+            added[item] = added.get(item, 0.0) + c
     fusion = body["explanation"]["fusion"]
-    assert 0.0 <= fusion["alpha_min"] <= fusion["alpha_mean"] <= fusion["alpha_max"] <= 1.0
+    assert fusion["kind"] == "vote" and fusion["alpha_mean"] == pytest.approx(truth.vote.lam)
+    # the vote's share of each returned item's score is exactly what its neighbours added
+    ids = truth.histories[user]
+    with torch.no_grad():
+        base = torch.softmax(truth.encoder.scores(truth.encoder(torch.tensor([ids[-MAX_LEN:]])))[0] / truth.vote.T, 0)
+    for item, score in returned.items():
+        own = (1 - truth.vote.lam) * float(base[truth.vocab.lookup(item) - 1])
+        assert score == pytest.approx(own + added.get(item, 0.0), rel=1e-4, abs=1e-7), item
     assert recommend(client, user_id=user, k=3, explain=True, use_retrieval=False)["explanation"]["neighbours"] == []
 
 
@@ -250,10 +279,10 @@ def test_split_evaluation_matches_the_training_run(served: tuple[httpx.Client, A
     assert job["status"] == "succeeded", job
     result = job["result"]
     assert result["source"]["leakage_check"] == "passed" and "validation" in result["source"]["bank"]
-    trained = json.loads((ra_run / "metrics.json").read_text())["test"]
-    for side in ("with_retrieval", "without_retrieval"):
-        for metric in ("NDCG@10", "HR@10", "MRR@20"):
-            assert result[side][metric] == pytest.approx(trained[side][metric], abs=1e-6), (side, metric)
+    trained = json.loads((ra_run / "metrics.json").read_text())["test"]  # seen items masked, as served
+    for side, name in (("with_retrieval", "with"), ("without_retrieval", "without")):
+        for metric in ("NDCG@10", "HR@10"):
+            assert result[side][metric] == pytest.approx(trained[name][metric], abs=1e-6), (side, metric)
     boot = result["ndcg10_delta_bootstrap"]
     assert boot["low"] <= boot["mean"] <= boot["high"]
     assert boot["mean"] == pytest.approx(result["delta"]["NDCG@10"], abs=1e-9)
@@ -271,7 +300,7 @@ def test_sequence_evaluation_and_bad_requests(served: tuple[httpx.Client, Any], 
     assert job["status"] == "succeeded", job
     assert job["result"]["examples"] == 20 and job["result"]["source"]["skipped"] == 1
     hits = sum(s["target"] in truth.top(truth.vocab.ids(s["items"]).tolist(), 10, user=s["user_id"],
-                                        exclude_seen=False) for s in seqs[:20])  # the evaluation protocol
+                                        target=truth.vocab.lookup(s["target"])) for s in seqs[:20])  # the evaluation protocol: seen items masked
     assert job["result"]["with_retrieval"]["HR@10"] == pytest.approx(hits / 20)
     for bad in ({"split": "train"}, {"sequences": []}, {"sequences": [{"items": [], "target": "1"}]},
                 {"ks": [0]}, {"split": "test", "bootstrap_resamples": 5}, {"split": "test", "extra": 1}):
@@ -330,9 +359,9 @@ def test_a_failed_rebuild_is_reported_and_changes_nothing(ra_run: Path, tmp_path
     app = create_app(settings_for(run, tmp_path / "index"))
     with LiveServer(app) as server, client_for(server) as client:
         before = client.get("/v1/index").json()
-        (run / "ra.pt").write_bytes(b"not a checkpoint")  # the rebuild process reads the run afresh
+        (run / "retrieval.pt").write_bytes(b"not a checkpoint")  # the rebuild process reads the run afresh
         job = wait_job(client, client.post("/v1/index/rebuild", headers=ADMIN).json()["url"])
-        assert job["status"] == "failed" and "ra.pt" in job["error"], job
+        assert job["status"] == "failed" and "retrieval.pt" in job["error"], job
         assert client.get("/v1/index").json() == before
         assert ArtifactStore(tmp_path / "index").versions() == ["v000001"]
         assert recommend(client, items=app.state.engine.vocab.tokens[:3])["index_version"] == "v000001"
@@ -355,3 +384,20 @@ def test_without_an_index_it_serves_the_base_model_and_says_so(ra_run: Path, tmp
         assert job["status"] == "succeeded"
         assert client.get("/readyz").status_code == 200
         assert recommend(client, user_id=user, k=5)["retrieval_used"] is True
+
+
+def test_a_head_run_serves_what_its_stage_measured(ra_head_run: Path, tmp_path: Path) -> None:
+    """The learned head (copy distribution, own earlier entries kept): the service's split
+    evaluation reproduces the stage's own test figures, and explain reports the copy share."""
+    app = create_app(settings_for(ra_head_run, tmp_path / "index"))
+    with LiveServer(app) as server, client_for(server) as client:
+        job = wait_job(client, client.post("/v1/evaluate", json={"split": "test", "bootstrap_resamples": 200},
+                                           headers=ADMIN).json()["url"])
+        assert job["status"] == "succeeded", job
+        trained = json.loads((ra_head_run / "metrics.json").read_text())["test"]
+        for side, name in (("with_retrieval", "with"), ("without_retrieval", "without")):
+            assert job["result"][side]["NDCG@10"] == pytest.approx(trained[name]["NDCG@10"], abs=1e-6), side
+        user = app.state.engine.vocab.tokens[1]
+        body = recommend(client, items=app.state.engine.vocab.tokens[1:5], k=3, explain=True)
+        assert body["retrieval_used"] is True and body["explanation"]["fusion"]["kind"] == "head"
+        assert 0.0 < body["explanation"]["fusion"]["alpha_mean"] < 1.0 and user
