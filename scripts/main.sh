@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job, one command: environment, MovieLens-100K, DuoRec pretraining, retrieval-augmented
-# fine-tuning, memory-bank index, and the service (embedded store) with a sample recommendation.
+# The main job, one command: environment, MovieLens-100K, DuoRec pretraining (the accurate recipe,
+# capped at 10 minutes), the retrieval stage on the frozen base, memory-bank index, and the service
+# (embedded store) with a sample recommendation.
 #   bash scripts/main.sh                      (serves until Ctrl-C)
 #   PORT=8001 bash scripts/main.sh            (another port)
 #   RAGREC_DEMO_EXIT=1 bash scripts/main.sh   (stop after the sample request)
@@ -34,26 +35,24 @@ fi
 
 "$RAGREC" data ml-100k --out data/ml-100k
 
-echo "== 1/3 DuoRec pretraining -> $OUT/duorec"
+MAX_MINUTES=${RAGREC_PRETRAIN_MINUTES:-10}
+echo "== 1/3 DuoRec pretraining (configs/ml100k-accurate.yaml, at most $MAX_MINUTES min) -> $OUT/duorec"
 if [ -f "$OUT/duorec/metrics.json" ]; then
   echo "finished by an earlier run; reusing it"
 elif [ -f "$OUT/duorec/last.pt" ]; then
-  "$RAGREC" train --config configs/demo.yaml --out "$OUT/duorec" --resume
+  "$RAGREC" train --config configs/ml100k-accurate.yaml --out "$OUT/duorec" --resume \
+    --set train.max_minutes="$MAX_MINUTES"
 else
   rm -rf "$OUT/duorec"  # interrupted before its first checkpoint: nothing to keep
-  "$RAGREC" train --config configs/demo.yaml --out "$OUT/duorec"
+  "$RAGREC" train --config configs/ml100k-accurate.yaml --out "$OUT/duorec" --set train.max_minutes="$MAX_MINUTES"
 fi
 
-echo "== 2/3 retrieval-augmented fine-tuning -> $OUT/ra"
+echo "== 2/3 retrieval on the frozen base (configs/ml100k-ra.yaml) -> $OUT/ra"
 if [ -f "$OUT/ra/metrics.json" ]; then
   echo "finished by an earlier run; reusing it"
-elif [ -f "$OUT/ra/last.pt" ]; then
-  "$RAGREC" train --config configs/ml100k-ra.yaml --out "$OUT/ra" --resume \
-    --set ra.pretrained="$OUT/duorec"
 else
-  rm -rf "$OUT/ra"
-  "$RAGREC" train --config configs/ml100k-ra.yaml --out "$OUT/ra" \
-    --set ra.pretrained="$OUT/duorec"
+  rm -rf "$OUT/ra"  # a few minutes, no checkpoints: an interrupted stage starts afresh
+  "$RAGREC" train --config configs/ml100k-ra.yaml --out "$OUT/ra" --set retrieval.base="$OUT/duorec"
 fi
 
 echo "== 3/3 serving $OUT/ra on http://$HOST:$PORT (the first start builds the index)"

@@ -60,14 +60,15 @@ def main() -> None:
     print("\nrecommended with retrieval            (score) | without retrieval")
     for a, b in zip(with_r["items"], without["items"], strict=False):
         print(f"    {name(a['item_id'])[:44]:<44} {a['score']:6.2f} | {name(b['item_id'])[:44]}")
-    print("\nnearest neighbours (other users' histories and the item that came next):")
+    print("\nnearest neighbours (users' histories and the item that came next; what each added to the list):")
     for nb in with_r["explanation"]["neighbours"][:5]:
+        adds = ", ".join(f"{item} +{c:.4f}" for item, c in nb.get("contributions", {}).items()) or "-"
         print(f"    user {nb['user_id']:>4}  sim {nb['similarity']:.3f}  weight {nb['weight']:.3f}  "
-              f"next: {name(nb['target_item']).strip()}")
+              f"next: {name(nb['target_item']).strip()[:40]}  adds: {adds}")
     fusion = with_r["explanation"]["fusion"]
     if fusion:
-        print(f"\nfusion {fusion['kind']}: alpha mean {fusion['alpha_mean']:.3f} (min {fusion['alpha_min']:.3f}, "
-              f"max {fusion['alpha_max']:.3f}), retrieval temperature {fusion['temperature']:.3f}")
+        print(f"\nretrieval ({fusion['kind']}): share of the output {fusion['alpha_mean']:.3f} "
+              f"(min {fusion['alpha_min']:.3f}, max {fusion['alpha_max']:.3f})")
 
 
 if __name__ == "__main__":

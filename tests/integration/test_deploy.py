@@ -164,11 +164,15 @@ def test_run_and_data_paths_line_up(compose):
     svc = services(compose)
     entrypoint = exec_form(dict(final_stage(DOCKERFILES[0]))["ENTRYPOINT"])
     (serve,) = ragrec_invocations(svc["api"], entrypoint)
-    calls = {argv[0]: argv for argv in ragrec_invocations(svc["train"], entrypoint)}
+    invocations = ragrec_invocations(svc["train"], entrypoint)
+    calls = {argv[0]: argv for argv in invocations}  # the last train call writes the served run
     run_dir = env_of(svc["api"])["RAGREC_RUN_DIR"]
     assert option(serve, "--run") == option(calls["train"], "--out") == run_dir
     workdir = PurePosixPath(dict(final_stage(DOCKERFILES[0]))["WORKDIR"])
-    config = yaml.safe_load((ROOT / option(calls["train"], "--config")).read_text())
+    # the data path is the base run's (the retrieval stage reads its base run's data)
+    configs = [yaml.safe_load((ROOT / option(argv, "--config")).read_text())
+               for argv in invocations if argv[0] == "train"]
+    config = next(c for c in configs if "data" in c)
     data_file = workdir / config["data"]["path"]
     assert data_file.parent == workdir / option(calls["data"], "--out")
 
