@@ -9,7 +9,8 @@
 # Environment (all optional):
 #   TRAIN_SET     overrides for the DuoRec stage; default caps it for a smoke run:
 #                 "--set train.max_minutes=2"   (the full recipe: TRAIN_SET=" ")
-#   RA_SET        overrides for the RA stage; default "--set ra.epochs=1"  (full: RA_SET=" ")
+#   RA_SET        overrides for the retrieval stage; default "--set retrieval.head.epochs=1"
+#                 (full: RA_SET=" ")
 #   RETRAIN=1     train even if the artifacts volume already holds a finished run
 #   PURGE=1       also remove the volumes (trained run, data, Redis) at the end
 #   PROJECT       compose project name (default ragrec-smoke)
@@ -35,7 +36,7 @@ fi
 
 PROJECT=${PROJECT:-ragrec-smoke}
 export TRAIN_SET=${TRAIN_SET:---set train.max_minutes=2}
-export RA_SET=${RA_SET:---set ra.epochs=1}
+export RA_SET=${RA_SET:---set retrieval.head.epochs=1}
 export REBUILD_INTERVAL=${REBUILD_INTERVAL:-30}
 export RAGREC_API_KEY=${RAGREC_API_KEY:-smoke-$RANDOM$RANDOM}
 RESULTS=$(mktemp /tmp/ragrec-smoke.XXXXXX.jsonl)
@@ -93,6 +94,8 @@ if [ "${CONTEXT:-head}" = worktree ]; then
 else
   git archive HEAD | tar -x -C "$CTX"
 fi
+# One fixed mtime: the classic builder's COPY cache counts it, and git archive stamps the commit time.
+find "$CTX" -exec touch -h -d @0 {} +
 cert=${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}
 [ -n "$cert" ] && [ -f "$cert" ] && cp "$cert" "$CTX/docker/certs/ca.crt"
 torch_source=
@@ -124,7 +127,7 @@ build ragrec-proxy docker/Dockerfile.proxy --build-arg BASE_IMAGE="$BASE"
 in_volume() { docker run --rm -v "${PROJECT}_artifacts:/artifacts" "$BASE" sh -c "$1" >/dev/null 2>&1; }
 has_run() { in_volume "test -f /artifacts/run/$1"; }
 if [ -n "${RETRAIN:-}" ] || ! has_run model.pt; then
-  say "train profile: ML-100K, accurate DuoRec ($TRAIN_SET), then RA ($RA_SET)"
+  say "train profile: ML-100K, accurate DuoRec ($TRAIN_SET), then the retrieval stage ($RA_SET)"
   t0=$(date +%s)
   compose --profile train run --rm train >"$LOG/train.log" 2>&1
   rc=$?
