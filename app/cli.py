@@ -99,11 +99,13 @@ def data_synthetic(
 def _is_retrieval_config(path: Path) -> bool:
     import yaml
 
+    from training.ra.config import is_retrieval_config
+
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return False  # load_config reports it
-    return isinstance(raw, dict) and "retrieval" in raw
+    return is_retrieval_config(raw)
 
 
 @app.command()

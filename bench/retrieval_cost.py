@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine import Engine, Query  # noqa: E402
-from app.index import IndexManager  # noqa: E402
+from app.engine import Engine, Query
+from app.index import IndexManager
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from training.config import ConfigError  # noqa: E402
 from training.evaluate import ndcg_at  # noqa: E402
 from training.ra import stage as st  # noqa: E402
-from training.ra.bank import visible_next  # noqa: E402
+from training.ra.bank import BankRuleError, visible_next  # noqa: E402
 from training.ra.config import RetrievalSection, load_retrieval_config  # noqa: E402
 from training.ra.fit import evaluate, fit_design, flat, flat_unmasked  # noqa: E402
 from training.ra.runner import fit_trained_keys  # noqa: E402
@@ -177,7 +177,7 @@ def sweep_candidates(sec: RetrievalSection) -> list[tuple[str, RetrievalSection,
     cands += [
         ("head/fixed+vote-channel", with_(design="head", head__vote_channel=True, vote__k=min(sec.k_train, 50)), {}),
         ("head/fixed+copy", with_(design="head", head__copy_items=True), {}),
-        ("head/fixed+copy/k50", with_(design="head", head__copy_items=True, head__k=min(sec.k_train, 50)), {}),
+        ("head/fixed/k50", with_(design="head", head__k=min(sec.k_train, 50)), {}),
         ("control/head-shuffled-neighbours", with_(design="head"), {"shuffle_neighbours": True}),
         ("head/fixed+kl-forward", with_(design="head", head__kl_weight=0.1, head__kl_direction="forward"), {}),
         ("head/fixed+kl-reverse", with_(design="head", head__kl_weight=0.1, head__kl_direction="reverse"), {}),
@@ -227,7 +227,11 @@ def main() -> None:
     ap.add_argument("--sparse", type=int, default=None, metavar="N",
                     help="sparse protocol: bases trained (when trained here) with inputs cut to N items")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT/retrieval_gain.md from its JSON")
     args = ap.parse_args()
+    if args.render:
+        render(args.out)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,20 +244,19 @@ def main() -> None:
     except (ConfigError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    args.out.mkdir(parents=True, exist_ok=True)
-
     k_eval = max(sec.k_search, 500 if args.sweep else 0)
-    preps = [st.prepare(r, k_train=sec.k_train, k_eval=k_eval, own_user=sec.own_user, m_max=sec.m_max,
-                        input_len=sec.input_len) for r in runs]
-    for p in preps:
-        if sec.k_search > len(p.banks["valid"]):
-            raise SystemExit(f"error: k_search={sec.k_search} is larger than the validation bank")
-    report: dict = {"config": str(args.config), "overrides": args.overrides, "base_runs": [str(r) for r in runs],
-                    "seeds": [json.loads((r / "metrics.json").read_text()).get("seed", None) for r in runs],
-                    "prepare_seconds": [p.seconds for p in preps], "candidates_on_test": []}
+    try:
+        preps = [st.prepare(r, k_train=sec.k_train, k_eval=k_eval, own_user=sec.own_user, m_max=sec.m_max,
+                            input_len=sec.input_len) for r in runs]
+    except BankRuleError as e:  # k larger than a bank, a bank holding a query's target
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    args.out.mkdir(parents=True, exist_ok=True)
     from training.config import load_config
 
-    report["seeds"] = [load_config(r / "config.yaml").train.seed for r in runs]
+    report: dict = {"config": str(args.config), "overrides": args.overrides, "base_runs": [str(r) for r in runs],
+                    "seeds": [load_config(r / "config.yaml").train.seed for r in runs],
+                    "prepare_seconds": [p.seconds for p in preps], "candidates_on_test": []}
 
     def run_design(name: str, s: RetrievalSection, ps: list[st.Prepared], extra: dict | None = None) -> dict:
         t = time.perf_counter()
@@ -327,8 +330,11 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# retrieval gain ({r['config']}, seeds {r['seeds']})", "",
-             "| candidate | valid with / without (masked) | x | test with / without | x | test delta CI95 |",
+    """A readable summary of a report: candidates (validation for all, test for finalists),
+    the chosen design's figures both ways, the vote's ceiling and the breakdown."""
+    lines = [f"# retrieval gain ({Path(r['config']).name}, base seeds {r['seeds']})", "",
+             "Seen items masked on both sides unless said; 'without' = the untouched base.", "",
+             "| candidate | valid with / without | x | test with / without | x | test delta CI95 |",
              "|---|---|---|---|---|---|"]
     on_test = {c["name"]: c for c in r["candidates_on_test"]}
     for c in r["candidates_valid"]:
@@ -337,13 +343,43 @@ def markdown(r: dict) -> str:
         if c["name"] in on_test:
             t = on_test[c["name"]]["test"]
             lo, hi = t["delta_ndcg10_ci95"]
-            row += f" {t['with']['NDCG@10']:.4f} / {t['without']['NDCG@10']:.4f} | {t['ratio_ndcg10']:.3f} | [{lo:+.4f}, {hi:+.4f}] |"
+            row += (f" {t['with']['NDCG@10']:.4f} / {t['without']['NDCG@10']:.4f} | {t['ratio_ndcg10']:.3f} |"
+                    f" [{lo:+.4f}, {hi:+.4f}] |")
         else:
             row += " – | – | – |"
         lines.append(row)
-    lines.append("")
-    lines.append(f"chosen: {r['chosen']['name']}")
+    t, u = r["test"], r["test_unmasked"]
+    lines += ["", f"**chosen on validation: {r['chosen']['name']}** — test NDCG@10 {t['with']['NDCG@10']:.4f} vs "
+              f"{t['without']['NDCG@10']:.4f} (x{t['ratio_ndcg10']:.3f}, CI95 [{t['delta_ndcg10_ci95'][0]:+.4f}, "
+              f"{t['delta_ndcg10_ci95'][1]:+.4f}]), HR@10 {t['with']['HR@10']:.4f} vs {t['without']['HR@10']:.4f}; "
+              f"unmasked NDCG@10 {u['with']['NDCG@10']:.4f} vs {u['without']['NDCG@10']:.4f} (x{u['ratio_ndcg10']:.3f})"]
+    if r.get("ceiling"):
+        lines += ["", "## Ceiling of a neighbour vote (validation, seen items masked on both sides)", "",
+                  "| own user | k | m | target in vote top 10, not model's | in model's, not vote's | in both | own-user share of neighbours |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in r["ceiling"]:
+            lines.append(f"| {c['own_user']} | {c['k']} | {c['m']} | {c['vote_top10_not_model']:.3f} | "
+                         f"{c['model_top10_not_vote']:.3f} | {c['both_top10']:.3f} | {c['own_user_share_of_neighbours']:.3f} |")
+    if r.get("trained_keys"):
+        lines += ["", "## Trained keys (validation neighbour recall@20)", ""]
+        for i, k in enumerate(r["trained_keys"]):
+            lines.append(f"- base seed {r['seeds'][i]}: {k['recall20_base_keys']:.3f} -> {k['recall20_trained_keys']:.3f}")
+    b = r.get("breakdown_test")
+    if b:
+        lines += ["", f"## Where it helps (test, {r['chosen']['name']}, NDCG@10 with / without)", ""]
+        for q in b["history_quartile"]:
+            lines.append(f"- history quartile {q['quartile']} ({q['history_len_range'][0]}-{q['history_len_range'][1]} "
+                         f"items, {q['users']} users): {q['with']:.4f} / {q['without']:.4f}")
+        for p in b["popularity"]:
+            lines.append(f"- {p['targets']} targets ({p['users']} users): {p['with']:.4f} / {p['without']:.4f}")
+    lines.append(f"\n{r['seconds']:.0f} s in all")
     return "\n".join(lines) + "\n"
+
+
+def render(out: Path) -> None:
+    report = json.loads((out / "retrieval_gain.json").read_text())
+    (out / "retrieval_gain.md").write_text(markdown(report))
+    print((out / "retrieval_gain.md").read_text())
 
 
 if __name__ == "__main__":

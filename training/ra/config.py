@@ -63,6 +63,7 @@ class HeadSection(_Strict):
     mask_seen_in_loss: bool = True
     multi_layer: bool = False  # fuse after every frozen block instead of once on h
     samples_per_epoch: int | None = Field(None, ge=1)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: decays to 0 over the epochs
 
 
 class RetrievalSection(_Strict):
@@ -95,7 +96,8 @@ class RetrievalSection(_Strict):
                             batch_size=h.batch_size, patience=h.patience, kl_weight=h.kl_weight,
                             kl_direction=h.kl_direction, vote_channel=h.vote_channel, copy_items=h.copy_items,
                             vote=self.vote.settings(), mask_seen_in_loss=h.mask_seen_in_loss,
-                            multi_layer=h.multi_layer, samples_per_epoch=h.samples_per_epoch, seed=self.seed)
+                            multi_layer=h.multi_layer, samples_per_epoch=h.samples_per_epoch,
+                            lr_schedule=h.lr_schedule, seed=self.seed)
 
 
 class RetrievalConfig(_Strict):

@@ -6,7 +6,8 @@ untouched base in eval mode (one representation per prefix, the same for bank ke
 queries), builds the validation bank (training examples) and the test bank (training +
 validation examples), and searches neighbours for every query under one own-user rule.
 ``train_head`` fits a ``RetrievalHead`` (or ``LayerAdapters``) with CE on the fused
-representation, choosing the epoch on validation; ``score_*`` give (Q, N) ranking scores.
+representation, choosing the epoch on validation; ``vote_scores`` and ``TrainedHead.scores``
+give (Q, N) ranking scores.
 
 Shapes: Q queries, K neighbours, D hidden size, N items, M bank entries.
 """
@@ -78,7 +79,7 @@ class Prepared:
             return self.encoder.scores(q.h)
 
 
-def load_base(run_dir: str | Path, *, max_len: int | None = None):
+def load_base(run_dir: str | Path):
     """The base run's frozen encoder, config, data and split; refuses an unfinished run."""
     run = Path(run_dir)
     for name in ("config.yaml", "model.pt", "items.json"):
@@ -218,6 +219,7 @@ class HeadSettings:
     mask_seen_in_loss: bool = True  # the query's own items leave the training softmax
     multi_layer: bool = False  # fuse inside every frozen block (LayerAdapters)
     samples_per_epoch: int | None = None  # None: every training query each epoch
+    lr_schedule: str = "cosine"  # "cosine": decay to 0 over the planned epochs; "constant"
     seed: int = 0
 
 
@@ -294,12 +296,20 @@ def train_head(prep: Prepared, s: HeadSettings, *, log_every: bool = True) -> tu
     trained = TrainedHead(prep, s, head)
     opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     n = len(prep.train)
+    per_epoch = math.ceil(min(s.samples_per_epoch or n, n) / s.batch_size)
+    total = max(per_epoch * s.epochs, 1)
+    if s.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be cosine or constant, got {s.lr_schedule!r}")
+    # the last epochs see a small rate: without it the validation curve jumps with whichever
+    # random subset came last (seen on ML-100K: +-0.004 NDCG@10 between neighbouring epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)) if s.lr_schedule == "cosine" else 1.0)
     best, best_state, bad, history = -math.inf, None, 0, []
     for epoch in range(s.epochs):
         t0 = time.perf_counter()
         head.train()
         order = rng.permutation(n)[: s.samples_per_epoch or n]
-        total, steps = 0.0, 0
+        loss_sum, steps = 0.0, 0
         for i in range(0, len(order), s.batch_size):
             rows = np.sort(order[i:i + s.batch_size])
             seen = _seen_rows(prep, "train", rows) if (s.mask_seen_in_loss or s.vote_channel) else None
@@ -312,16 +322,17 @@ def train_head(prep: Prepared, s: HeadSettings, *, log_every: bool = True) -> tu
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach())
+            sched.step()
+            loss_sum += float(loss.detach())
             steps += 1
         train_s = time.perf_counter() - t0
         ranks = target_ranks(trained.scores("valid"), prep.valid.targets, prep.valid.seen)
         score = float(ndcg_at(ranks, 10).mean())
-        history.append({"epoch": epoch + 1, "loss": total / max(steps, 1), "valid_ndcg10_masked": score,
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(steps, 1), "valid_ndcg10_masked": score,
                         "seconds": train_s})
         if log_every:
             log.info("head epoch %d: loss %.4f, valid NDCG@10 (masked) %.4f, %.1fs", epoch + 1,
-                     total / max(steps, 1), score, train_s)
+                     loss_sum / max(steps, 1), score, train_s)
         if score > best:
             best, best_state, bad = score, copy.deepcopy(head.state_dict()), 0
         else:
