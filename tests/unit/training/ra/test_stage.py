@@ -22,7 +22,7 @@ def _cfg(base, **section):
 
 
 def test_unknown_and_ignored_keys_are_errors_that_name_them(tiny_base):
-    with pytest.raises(ConfigError, match="unknown key 'retrieval.vote.kk'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'retrieval\.vote\.kk'"):
         load_retrieval_config(raw={"retrieval": {"vote": {"kk": 3}}})
     with pytest.raises(ConfigError, match=r"ignores loss\.\*, train\.\*"):
         load_retrieval_config(raw={"retrieval": {}, "train": {"lr": 0.1}, "loss": {"tau": 1}})
