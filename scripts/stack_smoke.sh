@@ -126,7 +126,9 @@ build ragrec-proxy docker/Dockerfile.proxy --build-arg BASE_IMAGE="$BASE"
 # minute on the vfs storage driver: it copies the whole filesystem).
 in_volume() { docker run --rm -v "${PROJECT}_artifacts:/artifacts" "$BASE" sh -c "$1" >/dev/null 2>&1; }
 has_run() { in_volume "test -f /artifacts/run/$1"; }
-if [ -n "${RETRAIN:-}" ] || ! has_run model.pt; then
+# A finished retrieval run is reused; a base run served as a fallback (a symlink) is trained again.
+if [ -n "${RETRAIN:-}" ] || ! has_run retrieval.pt; then
+  in_volume "if [ -L /artifacts/run ]; then rm /artifacts/run; fi"
   say "train profile: ML-100K, accurate DuoRec ($TRAIN_SET), then the retrieval stage ($RA_SET)"
   t0=$(date +%s)
   compose --profile train run --rm train >"$LOG/train.log" 2>&1
