@@ -128,7 +128,7 @@ in_volume() { docker run --rm -v "${PROJECT}_artifacts:/artifacts" "$BASE" sh -c
 has_run() { in_volume "test -f /artifacts/run/$1"; }
 # A finished retrieval run is reused; a base run served as a fallback (a symlink) is trained again.
 if [ -n "${RETRAIN:-}" ] || ! has_run retrieval.pt; then
-  in_volume "if [ -L /artifacts/run ]; then rm /artifacts/run; fi"
+  in_volume "rm -rf /artifacts/run /artifacts/duorec"  # a fresh start: ragrec train refuses a used --out
   say "train profile: ML-100K, accurate DuoRec ($TRAIN_SET), then the retrieval stage ($RA_SET)"
   t0=$(date +%s)
   compose --profile train run --rm train >"$LOG/train.log" 2>&1
