@@ -294,11 +294,18 @@ def main() -> None:
                     trained, report["trained_keys"] = train_keys_for(preps, sec.seed)
                 ps = trained
             results.append(run_design(name, s, ps, extra))
-        # finalists: the best of each family on validation; the chosen = the best of all
+        # finalists: the best of each family on validation; the chosen = the best of all. A
+        # learned head must also beat its control (the same head reading shuffled neighbours)
+        # on validation: if reading unrelated neighbours does as well, its gain is not retrieval.
+        control = next((r for r in results if r["name"] == "control/head-shuffled-neighbours"), None)
+        floor = control["valid"]["with"]["NDCG@10"] if control is not None else -1.0
         families: dict[str, dict] = {}
         for r in results:
             if r["name"].startswith("control/"):
                 continue  # controls are measured, never chosen
+            if r["design"] == "head" and r["valid"]["with"]["NDCG@10"] <= floor:
+                r["ineligible"] = "no better than its shuffled-neighbour control on validation"
+                continue
             fam = r["name"].split("/")[0] + ("/multi" if "multi" in r["name"] else "") + \
                 ("/channel" if "channel" in r["name"] else "")
             if fam not in families or r["valid"]["with"]["NDCG@10"] > families[fam]["valid"]["with"]["NDCG@10"]:

@@ -129,3 +129,34 @@ def test_plateau_schedule_decays_the_rate_and_resume_keeps_it(tmp_path, inter_pa
         flat = scores[i] <= max(scores[:i])
         assert rates[i + 1] == pytest.approx(rates[i] * (0.5 if flat else 1.0)), i
     assert rates[-1] < rates[0]
+
+
+def test_seen_in_input_masks_each_examples_own_window_but_never_its_target():
+    import numpy as np
+    import torch
+
+    from training.batches import Batch
+    from training.trainer import seen_in_input
+
+    windows = np.array([[3, 1, 4, 0], [2, 2, 5, 6]])
+    batch = Batch(windows=windows, rows=np.array([0, 0, 1]), cols=np.array([0, 2, 1]), sample_index=np.arange(3))
+    targets = torch.tensor([1, 5, 2])  # example 2's target (item 2) is also in its input
+    mask = seen_in_input(batch, targets, n_items=6)
+    expect = np.zeros((3, 6), dtype=bool)
+    expect[0, [2]] = True  # input [3]
+    expect[1, [2, 0, 3]] = True  # input [3, 1, 4]
+    expect[2, []] = True  # input [2, 2]: item 2 is the target, never masked
+    np.testing.assert_array_equal(mask.numpy(), expect)
+
+
+def test_mask_seen_trains(tmp_path):
+    from training.config import load_config
+    from training.synthetic import generate_interactions, write_inter
+    from training.trainer import run_training
+
+    data = tmp_path / "s.inter"
+    write_inter(generate_interactions(40, 30, mean_length=10, seed=1), data)
+    cfg = load_config(None, [f"data.path={data}", "data.max_seq_len=8", "model.dim=8", "model.inner=16",
+                             "loss.contrastive=none", "loss.mask_seen=true", "train.epochs=1", "train.mode=window"])
+    result = run_training(cfg, tmp_path / "run", progress=False)
+    assert 0.0 <= result["valid"]["NDCG@10"] <= 1.0
