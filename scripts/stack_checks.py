@@ -415,7 +415,7 @@ def main() -> None:
     ap.add_argument("--results", required=True)
     ap.add_argument("--rebuild-interval", type=float, default=30.0)
     ap.add_argument("--lock-ttl", type=float, default=20.0)
-    ap.add_argument("--services", default="redis api api2 worker proxy")
+    ap.add_argument("--services", default="redis api api2 worker proxy-host")
     ap.add_argument("--only", nargs="*", default=None,
                     help="api rebuild_under_load kill_replica kill_redis down_up kill_worker")
     args = ap.parse_args()

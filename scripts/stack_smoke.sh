@@ -169,9 +169,9 @@ grep -q "^rc=2 lines=1 .*RAGREC_REDIS_TIMEOUT_S" <<<"$setting_out"
 record "wrong RAGREC_* value: one clear line, exit" $? "$setting_out"
 
 # ---- the stack ------------------------------------------------------------------------------------
-say "stack up: redis, api, api2, worker, proxy"
+say "stack up: redis, api, api2, worker, proxy-host"
 t0=$(date +%s)
-if compose up -d redis api api2 worker proxy >"$LOG/up.log" 2>&1; then
+if compose up -d redis api api2 worker proxy-host >"$LOG/up.log" 2>&1; then
   record "stack up (all healthy)" 0 "$(( $(date +%s) - t0 )) s"
 else
   record "stack up (all healthy)" 1 "$(tail -2 "$LOG/up.log")"
@@ -179,7 +179,7 @@ else
   exit 1
 fi
 ro=0; desc=
-for s in redis api api2 worker proxy; do
+for s in redis api api2 worker proxy-host; do
   read -r rofs user <<<"$(docker inspect -f '{{.HostConfig.ReadonlyRootfs}} {{.Config.User}}' "$(compose ps -q $s)")"
   desc+="$s ro=$rofs user=${user:-root}; "
   { [ "$rofs" = true ] && [ -n "$user" ] && [ "${user%%:*}" != 0 ] && [ "$user" != root ]; } || ro=1

@@ -287,7 +287,10 @@ def test_host_override_keeps_every_service_on_loopback():
     host = yaml.safe_load(COMPOSE_HOST.read_text())["services"]
     base = services(yaml.safe_load(COMPOSE.read_text()))
     assert set(base) <= set(host), f"services without a host-network override: {sorted(set(base) - set(host))}"
-    assert all(svc.get("network_mode") == "host" for svc in host.values())
+    # the production proxy is switched off there (a published port is refused on the host network)
+    on = {name: svc for name, svc in host.items() if "profiles" not in svc}
+    assert set(host) - set(on) == {"proxy"} and "proxy-host" in on
+    assert all(svc.get("network_mode") == "host" for svc in on.values())
     ports = []
     for name in ("api", "api2"):
         argv = host[name]["command"]
@@ -297,7 +300,7 @@ def test_host_override_keeps_every_service_on_loopback():
     nginx = NGINX_HOST.read_text()
     assert re.findall(r"^\s*server\s+127\.0\.0\.1:(\d+)", nginx, re.M) == ports
     (listen,) = re.findall(r"^\s*listen\s+127\.0\.0\.1:(\d+)\s*;", nginx, re.M)
-    assert host["proxy"]["environment"]["PROXY_PORT"] == listen
+    assert host["proxy-host"]["environment"]["PROXY_PORT"] == listen
     assert "--bind" in host["redis"]["command"] and "127.0.0.1" in host["redis"]["command"]
     redis_port = host["redis"]["command"][host["redis"]["command"].index("--port") + 1]
     assert host["api"]["environment"]["RAGREC_REDIS_URL"].startswith(f"redis://127.0.0.1:{redis_port}/")
