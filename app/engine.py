@@ -142,6 +142,9 @@ class Engine:
         if (run / "retrieval.pt").is_file():
             ra = load_bundle(run, map_location=device)
             model = ra.encoder
+        elif (run / "ra.pt").is_file():  # the encoder fine-tuning stage (configs/ml100k-ra-finetune.yaml)
+            logger.warning("%s is an encoder fine-tuning run: serving its fine-tuned encoder without retrieval "
+                           "(only retrieval-stage runs, with retrieval.pt, are served with retrieval)", run)
         vocab = Vocabulary.load(run / "items.json")
         files = read_run_data(run, vocab, model.cfg.n_items)
         version = f"{run.name}@{str(blob.get('checksum', 'unknown'))[:12]}"

@@ -63,27 +63,17 @@ def examples(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.arange(len(rows), dtype=np.int64) - first + MIN_PREFIX
 
 
-def next_items(sequences: list[np.ndarray], rows: np.ndarray, positions: np.ndarray, m: int,
-               limits: np.ndarray | None = None) -> np.ndarray:
-    """(M, m) int64 sequences[row][position + j] for j < m; 0 past the sequence or past
-    limits[row] (the last position a split's bank may know)."""
-    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-    last = lengths - 1 if limits is None else np.minimum(limits, lengths - 1)
-    flat = np.concatenate(sequences) if sequences else np.zeros(0, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    pos = positions[:, None] + np.arange(m)[None, :]
-    ok = pos <= last[rows][:, None]
-    return np.where(ok, flat[np.where(ok, starts[rows][:, None] + pos, 0)], 0).astype(np.int64)
-
-
 def build_bank(bundle: RetrievalBundle, sequences: list[np.ndarray], rows: np.ndarray, positions: np.ndarray, *,
                users: np.ndarray | None = None, limits: np.ndarray | None = None) -> MemoryBank:
     """A bank of the (row, position) examples of ``sequences`` (id arrays), keyed by ``bundle``.
-    users: (M,) payload user per example (default: the row); limits: see ``next_items``."""
+    users: (M,) payload user per example (default: the row); limits: (rows,) the last position a
+    split's bank may know of each row (``training.ra.bank.split_limits``), None: everything."""
+    from training.ra.bank import next_items_of
+
     if len(rows) == 0:
         raise RetrieverError("no sequence has two known items: nothing to put in the memory bank")
     h, keys = bundle.encode(sequences, rows, positions)
-    nxt = next_items(sequences, rows, positions, bundle.m, limits)
+    nxt, _ = next_items_of(sequences, rows, positions, limits, bundle.m)
     return MemoryBank(keys, nxt[:, 0], rows if users is None else users, positions,
                       values=bundle.pack_values(nxt, h))
 
@@ -210,9 +200,11 @@ class IndexManager:
                 row = len(serving.user_names)
                 serving.user_names.append(user)
                 serving.user_rows[user] = row
+        from training.ra.bank import next_items_of
+
         zeros = np.zeros(len(positions), dtype=np.int64)
         h, keys = self.bundle.encode([sequence], zeros, positions)
-        nxt = next_items([sequence], zeros, positions, self.bundle.m)
+        nxt, _ = next_items_of([sequence], zeros, positions, None, self.bundle.m)
         serving.bank.add(keys, nxt[:, 0], np.full(len(positions), row, dtype=np.int64), positions,
                          values=self.bundle.pack_values(nxt, h))
         self.live_added += len(positions)

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1)
     access_log: bool = False  # uvicorn's line per request (costs CPU under load; the proxy usually logs)
     training_histories: bool = True  # requests by user_id start from the user's history in the run's data
-    # Retrieval (runs with ra.pt): the memory bank's versions live here; None: <run_dir>/index
+    # Retrieval (runs with retrieval.pt): the memory bank's versions live here; None: <run_dir>/index
     index_dir: Path | None = None
     build_index_on_start: bool = True  # no version yet: build one at start-up (under the rebuild lock)
     rebuild_interval: float = Field(0.0, ge=0)  # seconds between scheduled rebuilds; 0: on demand only

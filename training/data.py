@@ -178,7 +178,7 @@ class SequenceData:
         if len(self.users) != len(self.sequences):
             raise ValueError(f"{len(self.users)} users but {len(self.sequences)} sequences")
         if self.flat is None or self.offsets is None:
-            self.flat, self.offsets = _flatten(self.sequences)
+            self.flat, self.offsets = flatten(self.sequences)
         if len(self.offsets) != len(self.sequences) + 1 or self.offsets[-1] != len(self.flat):
             raise ValueError("flat/offsets do not match sequences")
         if len(self.flat) and (self.flat.min() < 1 or self.flat.max() > self.n_items):
@@ -201,7 +201,7 @@ class SequenceData:
         return np.diff(self.offsets)
 
 
-def _flatten(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def flatten(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -363,7 +363,7 @@ def pad_prefixes(
     if isinstance(sequences, SequenceData):
         flat, offsets = sequences.flat, sequences.offsets
     else:
-        flat, offsets = _flatten(sequences)
+        flat, offsets = flatten(sequences)
     users = np.asarray(users, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.int64)
     if users.shape != positions.shape or users.ndim != 1:

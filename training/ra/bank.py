@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from retriever import MemoryBank
-from training.data import SequenceData, Split
+from training.data import SequenceData, Split, flatten
 from training.ra_bank import encode_prefixes
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,22 @@ def bank_entries(data: SequenceData, split: Split, which: str) -> tuple[np.ndarr
     return users[keep].astype(np.int64), positions[keep].astype(np.int64)
 
 
-def next_items_of(data: SequenceData, users: np.ndarray, positions: np.ndarray, limits: np.ndarray,
-                  m: int) -> tuple[np.ndarray, np.ndarray]:
-    """(M, m) items seq[v][s + j] for j < m, 0 where s + j passes limit[v]; and their positions."""
+def next_items_of(data: SequenceData | Sequence[np.ndarray], users: np.ndarray, positions: np.ndarray,
+                  limits: np.ndarray | None, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, m) items seq[v][s + j] for j < m, 0 where s + j passes limit[v] or the sequence's end
+    (limits None: only the end); and their positions (-1 with item 0). ``data``: a SequenceData
+    or a list of id arrays (the service's histories)."""
+    if isinstance(data, SequenceData):
+        flat, offsets = data.flat, data.offsets
+    else:
+        flat, offsets = flatten(data)
+    last = np.diff(offsets) - 1
+    if limits is not None:
+        last = np.minimum(last, limits)
     pos = positions[:, None] + np.arange(m)[None, :]  # (M, m)
-    ok = pos <= limits[users][:, None]
-    flat = data.offsets[users][:, None] + np.where(ok, pos, 0)
-    items = np.where(ok, data.flat[flat], 0).astype(np.int64)
+    ok = pos <= last[users][:, None]
+    index = offsets[users][:, None] + np.where(ok, pos, 0)
+    items = np.where(ok, flat[np.minimum(index, max(len(flat) - 1, 0))], 0).astype(np.int64)
     return items, np.where(ok, pos, -1).astype(np.int64)
 
 
