@@ -57,9 +57,9 @@ def main() -> None:
     print(f"\nuser {args.user}: {len(seq)} items read, the last five:")
     for item in seq[-5:]:
         print("   ", name(item))
-    print("\nrecommended with retrieval            (score) | without retrieval")
+    print("\nrecommended with retrieval            (score)   | without retrieval")
     for a, b in zip(with_r["items"], without["items"], strict=False):
-        print(f"    {name(a['item_id'])[:44]:<44} {a['score']:6.2f} | {name(b['item_id'])[:44]}")
+        print(f"    {name(a['item_id'])[:44]:<44} {a['score']:8.4f} | {name(b['item_id'])[:44]}")
     print("\nnearest neighbours (users' histories and the item that came next; what each added to the list):")
     for nb in with_r["explanation"]["neighbours"][:5]:
         adds = ", ".join(f"{item} +{c:.4f}" for item, c in nb.get("contributions", {}).items()) or "-"
