@@ -306,6 +306,11 @@ def main() -> None:
             if r["design"] == "head" and r["valid"]["with"]["NDCG@10"] <= floor:
                 r["ineligible"] = "no better than its shuffled-neighbour control on validation"
                 continue
+            gate = report.get("trained_keys")
+            if r["settings"]["trained_keys"] and gate and not all(
+                    g["recall20_trained_keys"] > g["recall20_base_keys"] + 0.01 for g in gate):
+                r["ineligible"] = "trained keys failed their gate (validation neighbour recall@20 not clearly up)"
+                continue
             fam = r["name"].split("/")[0] + ("/multi" if "multi" in r["name"] else "") + \
                 ("/channel" if "channel" in r["name"] else "")
             if fam not in families or r["valid"]["with"]["NDCG@10"] > families[fam]["valid"]["with"]["NDCG@10"]:
@@ -346,7 +351,8 @@ def markdown(r: dict) -> str:
     on_test = {c["name"]: c for c in r["candidates_on_test"]}
     for c in r["candidates_valid"]:
         v = c["valid"]
-        row = f"| {c['name']} | {v['with']['NDCG@10']:.4f} / {v['without']['NDCG@10']:.4f} | {v['ratio_ndcg10']:.3f} |"
+        name = c["name"] + (f" (not eligible: {c['ineligible']})" if c.get("ineligible") else "")
+        row = f"| {name} | {v['with']['NDCG@10']:.4f} / {v['without']['NDCG@10']:.4f} | {v['ratio_ndcg10']:.3f} |"
         if c["name"] in on_test:
             t = on_test[c["name"]]["test"]
             lo, hi = t["delta_ndcg10_ci95"]
