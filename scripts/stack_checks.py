@@ -147,6 +147,14 @@ class Stack:
         return self.run("docker", "inspect", "-f", fmt, self.container(service))
 
     @staticmethod
+    def crash(self, service: str) -> None:
+        """SIGKILL the container's main process from the host: a crash, as an OOM kill would be.
+        (`docker kill` would mark the container as stopped by hand, and docker 20.10 then does not
+        apply its restart policy.)"""
+        pid = self.run("docker", "inspect", "-f", "{{.State.Pid}}", self.container(service))
+        self.run("kill", "-KILL", pid)
+
+    @staticmethod
     def redis(*args: str) -> str:
         """One Redis command over loopback (RESP, no client library); a bulk or simple reply as text,
         "" for nil or when Redis does not answer."""
@@ -223,8 +231,8 @@ class Checks:
             _, rec = call(PROXY, "GET", f"/v1/evaluate/{job}", key=k)
             result = rec.get("result") or {}
             detail = (f"{rec.get('status')} in {done and round(done)} s: NDCG@10 with "
-                      f"{result.get('with_retrieval', {}).get('ndcg@10')}, without "
-                      f"{result.get('without_retrieval', {}).get('ndcg@10')}")
+                      f"{result.get('with_retrieval', {}).get('NDCG@10')}, without "
+                      f"{result.get('without_retrieval', {}).get('NDCG@10')}")
         else:
             detail = f"HTTP {s}: {b}"
         self.record("proxy: /v1/evaluate with and without retrieval",
@@ -286,7 +294,7 @@ class Checks:
         with Load() as load:
             time.sleep(3)
             t_kill = time.monotonic()
-            self.stack.run("docker", "kill", self.stack.container("api2"))
+            self.stack.crash("api2")
             # answering again directly (restarted by its policy, model loaded)
             back = wait_for(lambda: call(API2, "GET", "/healthz", timeout=1)[0] == 200, timeout=180, every=0.2)
             # and taking the proxy's traffic again: its own request counter grows under the load
@@ -379,7 +387,7 @@ class Checks:
             owner = self.stack.redis("GET", LOCK_KEY)
             time.sleep(4.0)
             if self.stack.redis("GET", LOCK_KEY) == owner:  # still building: kill it now
-                self.stack.run("docker", "kill", self.stack.container("worker"))
+                self.stack.crash("worker")
                 held = self.stack.redis("GET", LOCK_KEY) == owner
                 break
             wait_for(lambda: not self.stack.redis("GET", LOCK_KEY), timeout=60)  # it finished first: next one
