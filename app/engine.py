@@ -233,7 +233,7 @@ class Engine:
         return seen
 
     def score_with_bank(self, bank: MemoryBank, h: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor, *,
-                        exclude_user: np.ndarray | None = None, timed: bool = False
+                        exclude_user: np.ndarray | None = None, timed: bool = False, evidence: bool = False
                         ) -> tuple[Scored, SearchResult, np.ndarray]:
         """Search ``bank`` for h (R, D) and score with the retrieval design: (scores and
         evidence, the search result, the neighbours' next items (R, K, m)). exclude_user: (R,)
@@ -252,7 +252,7 @@ class Engine:
         items, nb_h = b.unpack_values(res.values)
         if timed:
             start = self._timed("search", start)
-        out = b.score(h.float().cpu(), logits.float().cpu(), res.D, res.found, items, nb_h, seen)
+        out = b.score(h.float().cpu(), logits.float().cpu(), res.D, res.found, items, nb_h, seen, evidence=evidence)
         if timed:
             self._timed("fusion", start)
         return out, res, items
@@ -267,8 +267,10 @@ class Engine:
         if self.ra is None or serving is None or not rows:
             return {}
         own = np.array([serving.user_rows.get(queries[warm[r]].user_id or "", -1) for r in rows], dtype=np.int64)
+        explain = any(queries[warm[r]].explain for r in rows)
         out, res, items = self.score_with_bank(serving.bank, h[rows], logits[rows],
-                                               self.seen_rows([seqs[r] for r in rows]), exclude_user=own, timed=True)
+                                               self.seen_rows([seqs[r] for r in rows]), exclude_user=own, timed=True,
+                                               evidence=explain)
         logits[rows] = out.scores.to(logits.dtype)
 
         extras: dict[int, dict] = {}
@@ -283,6 +285,7 @@ class Engine:
                    ) -> Callable[[np.ndarray], dict]:
         """Evidence for query row j, given the item ids finally returned: every neighbour (user,
         its next items, similarity, weight) and what it added to each returned item's score."""
+        assert out.weights is not None  # asked for with evidence=True
         weights = out.weights[j].float().numpy()
         contrib = None if out.contrib is None else out.contrib[j].float().numpy()  # (K, m)
         share = out.share[j].float()

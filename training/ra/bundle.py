@@ -34,7 +34,7 @@ RETRIEVAL_FORMAT = "ragrec.retrieval.v1"
 @dataclass
 class Scored:
     scores: torch.Tensor  # (Q, N) ranking scores with retrieval
-    weights: torch.Tensor  # (Q, K) each neighbour's share (vote weight or the reader's attention)
+    weights: torch.Tensor | None  # (Q, K) each neighbour's share (vote weight or the reader's attention)
     share: torch.Tensor  # (Q, 1) the retrieval side's share of the output (λ or the copy gate / alpha)
     contrib: torch.Tensor | None  # (Q, K, m) the score each neighbour adds to each of its next items
 
@@ -96,10 +96,12 @@ class RetrievalBundle:
 
     @torch.no_grad()
     def score(self, h: torch.Tensor, logits: torch.Tensor, D: np.ndarray, found: np.ndarray,
-              items: np.ndarray, nb_h: np.ndarray | None, seen: torch.Tensor) -> Scored:
+              items: np.ndarray, nb_h: np.ndarray | None, seen: torch.Tensor, *, evidence: bool = True) -> Scored:
         """Scores with retrieval for queries h (Q, D) with base logits (Q, N), neighbours'
         similarities D (Q, K), found (Q, K) bool, their visible next items (Q, K, m), their
-        prefix representations (head only) and the queries' seen items (Q, N) bool."""
+        prefix representations (head only) and the queries' seen items (Q, N) bool.
+        evidence: also each neighbour's weight and contributions (for explain; the vote's
+        costs ~0.1 ms a request, so the service asks only when a query explains)."""
         D = np.where(found, D, -np.inf).astype(np.float32)
         items = np.where(found[:, :, None], items, 0)
         v = self.vote
@@ -109,6 +111,8 @@ class RetrievalBundle:
             lam = confidence_lambda(D[:, : v.k], v)
             lam = lam * (p.sum(dim=1, keepdim=True) > 0)
             scores = interpolate(logits, p, lam, v.T)
+            if not evidence:
+                return Scored(scores, None, lam, None)
             Dt = torch.from_numpy(D[:, : v.k])
             w = torch.exp((Dt - Dt.max(dim=1, keepdim=True).values) / v.tau).nan_to_num(0.0)
             steps = v.decay ** torch.arange(v.m, dtype=torch.float32)
