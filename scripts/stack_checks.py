@@ -146,7 +146,6 @@ class Stack:
     def inspect(self, service: str, fmt: str) -> str:
         return self.run("docker", "inspect", "-f", fmt, self.container(service))
 
-    @staticmethod
     def crash(self, service: str) -> None:
         """SIGKILL the container's main process from the host: a crash, as an OOM kill would be.
         (`docker kill` would mark the container as stopped by hand, and docker 20.10 then does not
