@@ -340,6 +340,8 @@ def test_image_runs_as_non_root_and_refuses_a_missing_run():
     res = subprocess.run(["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
                           "--entrypoint", "sh", "ragrec:cpu", "-c", "id -u; ragrec serve --run /artifacts/run"],
                          capture_output=True, text=True, timeout=120)
-    assert res.stdout.split()[0] != "0"
+    if res.returncode == 125:  # docker's own failure (engine stopping, no room): not the image's answer
+        pytest.skip(f"the engine could not run the container: {res.stderr.strip()[:200]}")
+    assert res.stdout.split() and res.stdout.split()[0] != "0", res.stdout + res.stderr
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
     assert "model.pt is missing" in res.stderr
