@@ -176,12 +176,13 @@ class Engine:
         """Rank items for every query with at most one forward pass and one bank search."""
         if not queries:
             return []
-        seqs, unknowns, excluded = [], [], []
+        seqs, fulls, unknowns, excluded = [], [], [], []
         for q in queries:
             if q.k < 1:
                 raise ValueError(f"k must be >= 1, got {q.k}")
             ids, unknown = self.sequence_ids(q.user_id, q.items)
             seqs.append(ids[-self.max_len:])
+            fulls.append(ids)  # the vote gives every item of the history nothing, as in training
             unknowns.append(unknown)
             excl, _ = self._known_ids(q.exclude_items)
             excluded.append(np.concatenate([ids, excl]) if q.exclude_seen else excl)
@@ -199,7 +200,7 @@ class Engine:
                 h = self.model(batch.to(self.device))  # (B', D)
                 logits = self.model.scores(h)  # (B', n_items)
                 self._timed("model", start)
-                extras = self._retrieve(queries, warm, [seqs[i] for i in warm], h, logits)
+                extras = self._retrieve(queries, warm, [fulls[i] for i in warm], h, logits)
             scores[warm] = logits.float().cpu()
 
         rows = np.repeat(np.arange(len(excluded)), [len(e) for e in excluded])
