@@ -228,6 +228,8 @@ def main() -> None:
                     help="sparse protocol: bases trained (when trained here) with inputs cut to N items")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--render", action="store_true", help="only rewrite OUT/retrieval_gain.md from its JSON")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                    help="with --sweep: only the candidates with these names (e.g. vote/own-exclude head/adaptive)")
     args = ap.parse_args()
     if args.render:
         render(args.out)
@@ -283,7 +285,14 @@ def main() -> None:
     if args.sweep:
         report["ceiling"] = ceiling(preps)
         trained = None
-        for name, s, extra in sweep_candidates(sec):
+        cands = sweep_candidates(sec)
+        if args.only:
+            unknown = set(args.only) - {c[0] for c in cands}
+            if unknown:
+                print(f"error: --only: no candidates named {sorted(unknown)}", file=sys.stderr)
+                sys.exit(2)
+            cands = [c for c in cands if c[0] in args.only]
+        for name, s, extra in cands:
             ps = preps
             if s.own_user != sec.own_user:
                 ps = [st.with_rule(p, s.own_user) for p in preps]

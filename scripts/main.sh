@@ -36,15 +36,18 @@ fi
 "$RAGREC" data ml-100k --out data/ml-100k
 
 MAX_MINUTES=${RAGREC_PRETRAIN_MINUTES:-10}
-echo "== 1/3 DuoRec pretraining (configs/ml100k-accurate.yaml, at most $MAX_MINUTES min) -> $OUT/duorec"
+# The served base leaves the input's own items out of its training softmax and validates with
+# them masked, as the service serves (docs/retrieval.md: +9.5% validation NDCG@10, seen items
+# masked, over three seeds); RecBole comparisons use configs/ml100k-accurate.yaml as it is.
+BASE_SET=(--set train.max_minutes="$MAX_MINUTES" --set loss.mask_seen=true --set eval.mask_seen=true)
+echo "== 1/3 DuoRec pretraining (configs/ml100k-accurate.yaml + loss.mask_seen, at most $MAX_MINUTES min) -> $OUT/duorec"
 if [ -f "$OUT/duorec/metrics.json" ]; then
   echo "finished by an earlier run; reusing it"
 elif [ -f "$OUT/duorec/last.pt" ]; then
-  "$RAGREC" train --config configs/ml100k-accurate.yaml --out "$OUT/duorec" --resume \
-    --set train.max_minutes="$MAX_MINUTES"
+  "$RAGREC" train --config configs/ml100k-accurate.yaml --out "$OUT/duorec" --resume "${BASE_SET[@]}"
 else
   rm -rf "$OUT/duorec"  # interrupted before its first checkpoint: nothing to keep
-  "$RAGREC" train --config configs/ml100k-accurate.yaml --out "$OUT/duorec" --set train.max_minutes="$MAX_MINUTES"
+  "$RAGREC" train --config configs/ml100k-accurate.yaml --out "$OUT/duorec" "${BASE_SET[@]}"
 fi
 
 echo "== 2/3 retrieval on the frozen base (configs/ml100k-ra.yaml) -> $OUT/ra"
