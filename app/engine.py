@@ -138,16 +138,18 @@ class Engine:
             if not (run / name).is_file():
                 raise RunError(f"{run} is not a finished run: {name} is missing")
         ra = None
-        model, blob = load_model_file(run / "model.pt", map_location=device)
-        if (run / "retrieval.pt").is_file():
+        if (run / "retrieval.pt").is_file():  # the bundle loads model.pt itself and checks it is its base
             ra = load_bundle(run, map_location=device)
-            model = ra.encoder
-        elif (run / "ra.pt").is_file():  # the encoder fine-tuning stage (configs/ml100k-ra-finetune.yaml)
+            model, checksum = ra.encoder, ra.base_checksum
+        else:
+            model, blob = load_model_file(run / "model.pt", map_location=device)
+            checksum = blob.get("checksum")
+        if ra is None and (run / "ra.pt").is_file():  # the encoder fine-tuning stage (configs/ml100k-ra-finetune.yaml)
             logger.warning("%s is an encoder fine-tuning run: serving its fine-tuned encoder without retrieval "
                            "(only retrieval-stage runs, with retrieval.pt, are served with retrieval)", run)
         vocab = Vocabulary.load(run / "items.json")
         files = read_run_data(run, vocab, model.cfg.n_items)
-        version = f"{run.name}@{str(blob.get('checksum', 'unknown'))[:12]}"
+        version = f"{run.name}@{str(checksum or 'unknown')[:12]}"
         logger.info("loaded %s (%s): %d items, max_len %d, popularity from %s", version,
                     f"retrieval: {ra.design}" if ra is not None else "base model", model.cfg.n_items,
                     model.cfg.max_len, files.source)

@@ -11,15 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from training.config import ConfigError, _format_error, apply_overrides
+from training.config import ConfigError, _format_error, _Strict, apply_overrides
 from training.ra.stage import HeadSettings
 from training.ra.vote import VoteSettings
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class VoteSection(_Strict):

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from training.io import atomic_write_json, atomic_write_text
+from training.model import model_checksum
 from training.ra import stage as st
 from training.ra.bank import BankRuleError
 from training.ra.bundle import RetrievalBundle
@@ -66,9 +66,8 @@ def run_retrieval_stage(cfg: RetrievalConfig, out: str | Path) -> dict[str, Any]
         "chosen_vote": vote.as_dict(), "fit": {k: v for k, v in info.items() if k != "vote_trail"},
         "trained_keys": keys_info, "prepare_seconds": prep.seconds,
     }
-    base_blob = torch.load(base / "model.pt", map_location="cpu", weights_only=True)
     bundle = RetrievalBundle(prep.encoder, sec.model_dump(), vote, prep.banks["valid"].center, head, proj,
-                             metrics=metrics, base_checksum=base_blob.get("checksum"))
+                             metrics=metrics, base_checksum=model_checksum(prep.encoder))
     out.mkdir(parents=True, exist_ok=True)
     for name in BASE_FILES:
         tmp = out / f".{name}.tmp"
