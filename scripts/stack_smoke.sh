@@ -121,6 +121,9 @@ say "images"
 build ragrec:cpu docker/Dockerfile --build-arg PYTHON_IMAGE="$BASE" ${torch_source:+--build-arg "TORCH_SOURCE=$torch_source"}
 build ragrec-redis docker/Dockerfile.redis --build-arg BASE_IMAGE="$BASE"
 build ragrec-proxy docker/Dockerfile.proxy --build-arg BASE_IMAGE="$BASE"
+# The vfs driver stores every layer as a full copy: the images these builds replaced would pile up
+# (tens of GB after a few runs), so untagged ones go now.
+docker image prune -f >/dev/null 2>&1
 # ---- training into the volume ---------------------------------------------------------------------
 # Looks into the artifacts volume with the small base image (a container of the 1.5 GB image costs a
 # minute on the vfs storage driver: it copies the whole filesystem).
