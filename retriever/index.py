@@ -15,7 +15,10 @@ Limits:
   from several threads) and answers at most k = 2048; HNSW has no GPU
   version and stays on the CPU;
 - IVF-PQ scores are approximate: callers re-score ``refine * k`` candidates
-  with the stored vectors (``rescore_exact``), as ``MemoryBank`` does.
+  with the stored vectors (``rescore_exact``), as ``MemoryBank`` does;
+- ``read_index_mapped`` maps a saved CPU index instead of reading it, so the
+  processes serving one file share its pages. The mapped arrays are read-only:
+  the first ``add_vectors`` swaps in a private copy (copy-on-write).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "exact_knn",
     "gpu_available",
     "normalize",
+    "read_index_mapped",
     "rescore_exact",
     "search",
     "to_cpu_index",
@@ -105,6 +109,7 @@ class BuiltIndex:
     build_seconds: float = 0.0
     gpu_resources: object = None  # keeps the StandardGpuResources alive with its index
     lock: threading.Lock | None = field(default=None, repr=False)  # GPU only: serialises use
+    mapped: bool = False  # CPU arrays are views of a memory-mapped file (read_index_mapped): read-only
 
     @property
     def ntotal(self) -> int:
@@ -283,6 +288,23 @@ def _maybe_to_gpu(built: BuiltIndex, use_gpu: str | bool) -> BuiltIndex:
                       build_seconds=built.build_seconds, gpu_resources=res, lock=threading.Lock())
 
 
+# faiss >= 1.10 maps the arrays of flat codes and of IVF lists (flat, IVF-Flat, IVF-PQ, HNSW storage)
+# as views of the file instead of copying them. IO_FLAG_MMAP alone only maps IVF lists written as
+# on-disk lists, and IO_FLAG_READ_ONLY only applies to those: neither maps a flat index.
+_MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", None)
+
+
+def read_index_mapped(path: str) -> tuple[faiss.Index, bool]:
+    """``faiss.read_index`` with the index's arrays memory-mapped from ``path``: every process that
+    maps one file shares its pages (the page cache) instead of holding a copy. Returns the index
+    and whether it is mapped (False on a faiss without the flag: then it was read as usual).
+    A mapped index must not be added to (faiss aborts on resizing a view): ``add_vectors`` copies
+    it first. The mapping outlives the file, so a version pruned while served stays readable."""
+    if _MMAP_FLAGS is None:
+        return faiss.read_index(path), False
+    return faiss.read_index(path, _MMAP_FLAGS), True
+
+
 def to_cpu_index(built: BuiltIndex) -> faiss.Index:
     """The index as a CPU faiss index (a copy for a GPU index), e.g. for ``faiss.write_index``."""
     if built.device == "cpu":
@@ -324,6 +346,10 @@ def add_vectors(built: BuiltIndex, vectors: np.ndarray) -> None:
     the caller excludes them (``MemoryBank`` holds its write lock)."""
     x = as_float_matrix(vectors, "vectors", dim=built.dim)
     _check_unit_norm(x)
+    if built.mapped:  # copy-on-write: an owned copy of the mapped index (the file stays as it is)
+        built.index = faiss.deserialize_index(faiss.serialize_index(built.index))
+        built.mapped = False
+        logger.info("index copied out of its memory-mapped file for its first add (%d vectors)", built.ntotal)
     if built.lock is None:
         _add_in_chunks(built.index, x)
     else:

@@ -12,6 +12,18 @@ version directory is either complete or absent; ``CURRENT`` is replaced with
 ``os.replace``. ``load`` checks the manifest, every file's size and sha256,
 and the parts' shapes before it returns a bank.
 
+Loading maps the files instead of reading them: the payload columns with
+``np.load(mmap_mode="c")`` and the faiss index with ``index.read_index_mapped``.
+Every process serving one version (``ragrec serve --workers N``, replicas on one
+host) then shares one copy of its pages in the page cache, and a version costs a
+process only the pages it touches. The files are never written: the columns are
+private copy-on-write mappings (an in-place edit such as ``remove`` or
+``update_quality`` copies the pages it touches), the first ``MemoryBank.add``
+copies the columns (they grow into new arrays) and the index (``add_vectors``).
+So a process that takes live adds holds a private copy of its bank until the
+next version replaces it; one that only searches never does. A mapping outlives
+its file, so a version pruned by another process stays readable where served.
+
 Limits: one writer per version name at a time is assumed (the rename refuses
 a taken name and ``save`` moves on to the next); readers on other machines see
 a new version once the filesystem shows the rename.
@@ -269,7 +281,9 @@ class ArtifactStore:
         path = self._path(version)
         names = [*_COLUMNS, "values"] if manifest["has_values"] else list(_COLUMNS)
         try:
-            cols = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in names}
+            # mapped, not read (module docstring); asarray: a plain ndarray view, not the memmap subclass
+            cols = {name: np.asarray(np.load(path / f"{name}.npy", mmap_mode="c", allow_pickle=False))
+                    for name in names}
         except ValueError as exc:
             raise ArtifactCorrupted(f"{version}: cannot read the arrays ({exc})") from None
         rows, dim = manifest["rows"], manifest["dim"]
@@ -280,12 +294,13 @@ class ArtifactStore:
             raise ArtifactCorrupted(f"{version}: {int(cols['alive'].sum())} live entries, "
                                     f"manifest says {manifest['count']}")
         try:
-            index = faiss.read_index(str(path / _INDEX_FILE))
+            index, mapped = ix.read_index_mapped(str(path / _INDEX_FILE))
         except RuntimeError as exc:
             raise ArtifactCorrupted(f"{version}: {_INDEX_FILE} cannot be read by faiss ({exc})") from None
         try:
             spec = ix.IndexSpec(**manifest["spec"])
             built = ix.wrap_index(index, manifest["index"]["kind"], manifest["index"]["params"], use_gpu)
+            built.mapped = mapped and built.device == "cpu"  # a GPU copy owns its memory
             cols.setdefault("values", None)
             bank = MemoryBank.restore(**cols, index=built, spec=spec, version=version)
         except (TypeError, InvalidParameter) as exc:

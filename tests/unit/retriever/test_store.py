@@ -131,3 +131,45 @@ def test_failed_save_leaves_no_version_and_keeps_current(tmp_path, bank, monkeyp
         store.save(bank)
     assert store.versions() == [first] and store.current() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT", first]
+
+
+def _mapped_file(arr: np.ndarray) -> str | None:
+    """The file an array is a view of (through its base chain), None for memory of its own."""
+    while arr is not None:
+        if isinstance(arr, np.memmap):
+            return str(arr.filename)
+        arr = arr.base
+    return None
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "ivf_pq", "hnsw"])
+def test_loads_map_one_file_and_copy_on_the_first_add(tmp_path, kind):
+    """Two loads of a version share its files (mapped, not read); a live add in one copies that
+    one's bank and leaves the files and the other load as they were."""
+    x = clustered(3_000, 16, seed=21)
+    n = len(x)
+    bank = MemoryBank(x, np.arange(n) % 50, np.arange(n) // 10, np.arange(n) % 10,
+                      values=np.ones((n, 2), dtype=np.float32), spec=IndexSpec(kind=kind, exact_below=0))
+    store = ArtifactStore(tmp_path)
+    version = store.save(bank)
+    a, b = store.load(version, use_gpu=False), store.load(version, use_gpu=False)
+    for loaded in (a, b):
+        assert loaded.index.mapped and loaded.index.kind == kind
+        with loaded.read_locked() as cols:
+            for name in ("vectors", "targets", "values", "alive", "quality"):
+                assert _mapped_file(cols[name]) == str(tmp_path / version / f"{name}.npy"), name
+    q = clustered(20, 16, seed=22, n_clusters=55)
+    before = b.search(q, 5)
+    np.testing.assert_array_equal(a.search(q, 5).I, before.I)
+
+    new = clustered(3, 16, seed=9)
+    ids = a.add(new, [7] * 3, [999] * 3, [0] * 3, values=np.zeros((3, 2)))
+    a.update_quality(ids[:1], [0.0], momentum=0.0)
+    assert not a.index.mapped and len(a) == n + 3
+    hit = a.search(new, 1)
+    np.testing.assert_array_equal(hit.I[:, 0], ids)  # the added entries are found, payload and all
+    assert (hit.users[:, 0] == 999).all() and hit.quality[0, 0] == 0.0
+    assert b.index.mapped and len(b) == n and b.index.ntotal == n  # the other load saw nothing
+    np.testing.assert_array_equal(b.search(q, 5).I, before.I)
+    store.verify(version)  # the files are as saved (sizes and sha256)
+    assert len(store.load(version, use_gpu=False)) == n
