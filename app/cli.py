@@ -221,16 +221,26 @@ def serve(
     run: Annotated[Path | None, typer.Option(help="Run directory written by `ragrec train` (or RAGREC_RUN_DIR)")] = None,
     host: str = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    workers: Annotated[int, typer.Option(min=1)] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this port (more than 1 needs "
+                                                      "RAGREC_REDIS_URL)")] = 1,
 ) -> None:
-    """Serve a trained run over HTTP (FastAPI + uvicorn); API docs at /docs."""
+    """Serve a trained run over HTTP (FastAPI + uvicorn); API docs at /docs.
+
+    With --workers N, uvicorn runs N processes on one port. Each loads the model and maps the
+    served index version's files read-only (the page cache holds one copy for all), and each is
+    a replica as in a multi-host deployment: it takes the rebuild lock, watches the current
+    version and swaps it in by itself. They share histories, job records, the lock and the
+    version through Redis, so N > 1 needs RAGREC_REDIS_URL."""
     import socket
 
     from app.settings import Settings
     from training.run import RunError
 
     run_dir = _finished_run(run)
-    Settings(run_dir=run_dir)  # a bad RAGREC_* value: one line and exit 2 (friendly), before anything starts
+    settings = Settings(run_dir=run_dir)  # a bad RAGREC_* value: one line and exit 2 (friendly), before anything starts
+    if workers > 1 and settings.redis_url is None:
+        raise RunError(f"--workers {workers} needs RAGREC_REDIS_URL: the workers share histories, jobs, the rebuild "
+                       "lock and the index version through Redis (the in-process store is one per process)")
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -240,7 +250,8 @@ def serve(
     from app.main import serve as run_server
 
     _setup_logging(False)
-    typer.echo(f"serving {run_dir} on http://{host}:{port} (API docs: http://{host}:{port}/docs)", err=True)
+    typer.echo(f"serving {run_dir} on http://{host}:{port} with {workers} worker{'s' * (workers > 1)} "
+               f"(API docs: http://{host}:{port}/docs)", err=True)
     run_server(run_dir, host=host, port=port, workers=workers)
 
 

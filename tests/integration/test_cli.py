@@ -96,6 +96,10 @@ def test_serve_refuses_a_taken_port_and_a_missing_run(tmp_path, inter):
     res = ragrec("serve", "--run", str(tmp_path / "missing"))
     assert res.returncode == 2
     assert "not a finished run" in res.stderr
+    # workers share state through Redis: without it, one clear line before anything starts
+    res = ragrec("serve", "--run", str(out), "--workers", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --workers 2 needs RAGREC_REDIS_URL")
 
 
 def test_report_writes_pngs_and_refuses_a_missing_run(tmp_path, inter):

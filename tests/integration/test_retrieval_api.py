@@ -326,10 +326,32 @@ def test_replicas_share_the_lock_and_follow_new_versions(ra_run: Path, tmp_path:
         while cb.get("/v1/index").json()["version"] != "v000002":  # b swaps without a restart
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # both serve v000002 from its one set of files, mapped read-only (what --workers N relies on)
+        banks = [app.state.engine.index.serving.bank for app in (a, b)]
+        for bank in banks:
+            assert bank.version == "v000002" and bank.index.mapped
+            with bank.read_locked() as cols:
+                assert _mapped_file(cols["vectors"]) == str(tmp_path / "index" / "v000002" / "vectors.npy")
+        # a live add copies b's bank only: a keeps its mapping, and the files stay as published
+        user = f"replica-user-{uuid.uuid4().hex[:6]}"
+        tokens = a.state.engine.vocab.tokens[1:4]
+        r = cb.post("/v1/events", json=[{"user_id": user, "item_id": t, "timestamp": i} for i, t in enumerate(tokens)])
+        assert r.status_code == 200, r.text
+        assert not banks[1].index.mapped and len(banks[1]) > len(banks[0]) and banks[0].index.mapped
+        ArtifactStore(tmp_path / "index").verify("v000002")
         # the lock was released after the job, and it is shared: while someone holds it, no replica starts one
         assert asyncio.run(_take_lock(redis_server.url, kw["redis_prefix"]))
         assert cb.post("/v1/index/rebuild", headers=ADMIN).status_code == 409
         assert ca.post("/v1/index/rebuild", headers=ADMIN).status_code == 409
+
+
+def _mapped_file(arr: np.ndarray | None) -> str | None:
+    """The file an array is a view of (through its base chain), None for memory of its own."""
+    while arr is not None:
+        if isinstance(arr, np.memmap):
+            return str(arr.filename)
+        arr = arr.base
+    return None
 
 
 async def _take_lock(url: str, prefix: str) -> bool:
