@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
+from app.docs import install_docs
 from app.engine import Engine, MicroBatcher
 from app.index import IndexManager
 from app.jobs import Jobs, RebuildBusy
@@ -99,7 +100,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="ragrec", version="1", lifespan=lifespan)
+    app = FastAPI(title="ragrec", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_docs(app)  # /docs and /redoc with their assets served from here (air-gapped hosts)
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     for module in (recommend, events, users, index, evaluate, jobs, health):
