@@ -38,6 +38,9 @@ PROJECT=${PROJECT:-ragrec-smoke}
 export TRAIN_SET=${TRAIN_SET:---set train.max_minutes=2}
 export RA_SET=${RA_SET:---set retrieval.head.epochs=1}
 export REBUILD_INTERVAL=${REBUILD_INTERVAL:-30}
+# Creating a container of the 1.5 GB image copies its whole filesystem on vfs: minutes on a busy
+# machine, past docker-compose's default 60 s client timeout.
+export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-900} DOCKER_CLIENT_TIMEOUT=${DOCKER_CLIENT_TIMEOUT:-900}
 export RAGREC_API_KEY=${RAGREC_API_KEY:-smoke-$RANDOM$RANDOM}
 RESULTS=$(mktemp /tmp/ragrec-smoke.XXXXXX.jsonl)
 LOG=/tmp/ragrec-smoke-logs
