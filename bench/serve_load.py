@@ -30,10 +30,31 @@ seconds on ML-100K), later starts load it. Phases, each after a short unrecorded
                              with the "popular" fallback, re-posts the events and checks that the
                              stored histories are used again.
 
+  open loop R req/s          with --rate R [R ...]: after the phases above, on the same server, an
+                             open-loop load per rate, lowest first (bench/serve_loadgen.py): POST
+                             /v1/recommend at the times of a Poisson schedule of R requests/s for
+                             --rate-seconds, whatever the server does, each latency counted from
+                             the request's scheduled time (no coordinated omission). Reports
+                             p50/p99/p99.9, offered and achieved rate, errors and the generator's
+                             own lag; the series stops after the first rate whose p99 passes
+                             --max-p99-ms (default 50) or that loses more than 1% of its requests.
+
+    python bench/serve_load.py --run runs/vote-seed1 --pin --seconds 10 \\
+        --rate 250 500 1000 1500 --json /tmp/serve_load_open.json
+
 Reported per phase: requests/s, p50/p90/p99/max latency (client side, ms), errors (any answer
 but 200, so the mixed phase counts its expected 503s), the CPU seconds the server (with its rebuild
-subprocesses) and the load generator used, the 1-minute load average at its start, and
-for recommend the mean micro-batch size (from /metrics). Then each target of the issue with its
+subprocesses and, with --workers, all its workers) and the load generator used, the server's CPU
+milliseconds per request (server_cpu_ms_per_request: its CPU seconds over the requests the phase
+sent, the cost that does not depend on the load generator), the 1-minute load average at its
+start, and for recommend the mean micro-batch size (from /metrics). After the recommend phase,
+the resident memory of each server process (RSS, its anonymous and file-backed parts, PSS).
+
+--pin puts the server (every process it starts, and Redis) on one CPU and the load generator and
+this script on the others (2 CPUs: server on CPU 0, load generator on CPU 1), so neither takes
+CPU time from the other; the report says which CPUs each had, or why pinning was not possible
+(fewer than 2 usable CPUs: the run goes on unpinned). --workers N serves with ``ragrec serve
+--workers N`` (N > 1: on a private redis-server the script starts, as the workers need one). Then each target of the issue with its
 figure and PASS/MISS: p50 <= 5 ms, p99 <= 25 ms, throughput >= 40% of /healthz, zero failed
 requests; >= 3 rebuild-and-swap cycles, p99 during swaps <= 2x baseline; during the outage,
 item-carrying requests 200, history-only 503 (never 500), /readyz 503 "degraded" and 200 again
@@ -69,10 +90,13 @@ from serve_loadgen import (
     MAX_LEN,
     MIN_LEN,
     LoadSpec,
+    OpenLoopSpec,
     Record,
     latency_summary,
     load_worker,
     now,
+    open_loop_summary,
+    open_loop_worker,
     overlaps,
     status_counts,
     summarize,
@@ -81,8 +105,10 @@ from serve_loadgen import (
 from serve_procs import RedisServer, Server
 
 BATCHING_OFF = {"RAGREC_BATCH_MAX_SIZE": "1", "RAGREC_BATCH_WAIT_MS": "0"}
-TARGETS = {"p50_ms": 5.0, "p99_ms": 25.0, "throughput_ratio": 0.40,  # from the issue
-           "rebuild_cycles": 3, "swap_p99_ratio": 2.0}
+TARGETS = {"p50_ms": 5.0, "p99_ms": 25.0, "throughput_ratio": 0.40,  # from issue #5
+           "rebuild_cycles": 3, "swap_p99_ratio": 2.0,
+           "pinned_p99_ms": 20.0,  # issue #14: pinned, concurrency 16
+           "open_loop_rate": 1000.0, "open_loop_p99_ms": 10.0}  # issue #14: open loop at 1,000 req/s
 BASELINE = "recommend (batching on)"  # the phase the rebuild phase's p99 is compared with
 
 
@@ -151,12 +177,72 @@ def run_phase(pool: ProcessPoolExecutor, server: Server, kind: str, items: list[
     res = summarize(lat, len(records) - len(lat), max(p["elapsed_s"] for p in parts))
     res["error_kinds"] = {s: n for s, n in status_counts(records).items() if s != "200"}
     res["server_cpu_s"] = round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None
+    res["server_cpu_ms_per_request"] = cpu_ms_per_request(cpu0, cpu1, len(records))
     res["client_cpu_s"] = round(sum(p["cpu_s"] for p in parts), 2)
     res["loadavg_1m_at_start"] = round(load0, 2)
     if bs0 is not None and bs1 is not None and bs1[1] > bs0[1]:
         res["forward_passes"] = int(bs1[1] - bs0[1])
         res["mean_batch_size"] = round((bs1[0] - bs0[0]) / (bs1[1] - bs0[1]), 2)
     return res, records, extra
+
+
+def cpu_ms_per_request(cpu0: float | None, cpu1: float | None, requests: int) -> float | None:
+    """Server CPU milliseconds per request sent (answered or not). /proc counts CPU time in clock
+    ticks (10 ms): over a phase of thousands of requests that rounding is far below 1%."""
+    if cpu0 is None or cpu1 is None or requests == 0:
+        return None
+    return round((cpu1 - cpu0) * 1000 / requests, 3)
+
+
+def open_loop_phase(pool: ProcessPoolExecutor, server: Server, items: list[str], args: argparse.Namespace
+                    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The open-loop series: one load per rate of --rate, lowest first, until a rate fails the
+    stop rule. Returns ({phase name: summary}, the series' report)."""
+    procs = args.client_procs
+    results: dict[str, dict[str, Any]] = {}
+    series: dict[str, Any] = {"rates": [], "stopped_at_rate": None,
+                              "stop_rule": f"p99 > {args.max_p99_ms:g} ms or errors > 1% of requests",
+                              "seconds_per_rate": args.rate_seconds, "connections": args.connections,
+                              "latency_from": "scheduled send time (Poisson arrivals)"}
+    for i, rate in enumerate(sorted(args.rate)):
+        specs = [OpenLoopSpec(server.base_url, "recommend", items, rate / procs, args.rate_seconds, args.timeout,
+                              args.k, args.seed + 1000 * i + j, max(1, args.connections // procs))
+                 for j in range(procs)]
+        print(f"[open loop] {rate:g} req/s for {args.rate_seconds:g}s ...", file=sys.stderr)
+        cpu0, load0 = server.cpu_s(), os.getloadavg()[0]
+        parts = [f.result() for f in [pool.submit(open_loop_worker, s) for s in specs]]
+        cpu1 = server.cpu_s()
+        records = [r for p in parts for r in p["records"]]
+        res = open_loop_summary(records, args.rate_seconds)
+        res["rate"] = rate
+        res["server_cpu_s"] = round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None
+        res["server_cpu_ms_per_request"] = cpu_ms_per_request(cpu0, cpu1, len(records))
+        res["client_cpu_s"] = round(sum(p["cpu_s"] for p in parts), 2)
+        res["loadavg_1m_at_start"] = round(load0, 2)
+        results[f"open loop {rate:g} req/s"] = res
+        series["rates"].append(res)
+        print(f"[open loop] {rate:g} req/s: achieved {res['rps']} req/s, p50 {res['p50_ms']} p99 {res['p99_ms']} "
+              f"p99.9 {res['p999_ms']} ms, errors {res['errors']}, server CPU {res['server_cpu_ms_per_request']} "
+              f"ms/request", file=sys.stderr)
+        if not res["p99_ms"] <= args.max_p99_ms or res["errors"] > 0.01 * max(res["requests"], 1):
+            series["stopped_at_rate"] = rate
+            break
+        time.sleep(1.0)  # let the last answers and the server's queues drain
+    return results, series
+
+
+def pin_plan(pin: bool, server_cpus: int) -> dict[str, Any]:
+    """Which CPUs the server and the load generator get: the first ``server_cpus`` usable CPUs
+    for the server, the rest for the generator (and this script)."""
+    usable = sorted(os.sched_getaffinity(0))
+    if not pin:
+        return {"requested": False, "applied": False, "usable_cpus": usable}
+    if len(usable) < server_cpus + 1:
+        return {"requested": True, "applied": False, "usable_cpus": usable,
+                "reason": f"--pin needs {server_cpus + 1} usable CPUs ({server_cpus} for the server, 1 for the load "
+                          f"generator), this process may use {len(usable)} ({usable}): running unpinned"}
+    return {"requested": True, "applied": True, "usable_cpus": usable, "server_cpus": usable[:server_cpus],
+            "loadgen_cpus": usable[server_cpus:]}
 
 
 def rebuild_once(c: httpx.Client, timeout_s: float) -> dict[str, Any]:
@@ -341,7 +427,11 @@ def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         probe = srv.get("probe", {})
         out.append(check(f"[{tag}] retrieval used", probe.get("retrieval_used"), "true",
                          probe.get("retrieval_used") is True))
+    pinned = report["pin"]["applied"]
     for name, r in phases.items():
+        if name == BASELINE and pinned:
+            out.append(check(f"{name} p99 ms, pinned (issue #14)", r["p99_ms"], f"<= {TARGETS['pinned_p99_ms']:g}",
+                             r["p99_ms"] <= TARGETS["pinned_p99_ms"] and r["errors"] == 0))
         if name.startswith("recommend (batching"):
             ratio = r["rps"] / hz if hz else float("nan")
             out += [check(f"{name} p50 ms", r["p50_ms"], f"<= {TARGETS['p50_ms']:g}", r["p50_ms"] <= TARGETS["p50_ms"]),
@@ -349,6 +439,11 @@ def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
                     check(f"{name} throughput / healthz", round(ratio, 3), f">= {TARGETS['throughput_ratio']:.2f}",
                           ratio >= TARGETS["throughput_ratio"]),
                     check(f"{name} failed requests", r["errors"], "0", r["errors"] == 0)]
+    for r in (report.get("open_loop") or {}).get("rates", []):
+        if r["rate"] == TARGETS["open_loop_rate"]:
+            out.append(check(f"open loop {r['rate']:g} req/s p99 ms" + (", pinned" if pinned else ""), r["p99_ms"],
+                             f"<= {TARGETS['open_loop_p99_ms']:g}, 0 errors",
+                             r["p99_ms"] <= TARGETS["open_loop_p99_ms"] and r["errors"] == 0))
     if (rb := report.get("rebuilds")) is not None:
         out += [check("rebuild-and-swap cycles succeeded", rb["succeeded"], f">= {TARGETS['rebuild_cycles']}",
                       rb["succeeded"] >= TARGETS["rebuild_cycles"] and rb["succeeded"] == len(rb["cycles"])),
@@ -381,19 +476,36 @@ def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 def fmt_row(name: str, r: dict[str, Any]) -> str:
     mb = f"{r['mean_batch_size']:.1f}" if "mean_batch_size" in r else "-"
     scpu = f"{r['server_cpu_s']:.1f}" if r.get("server_cpu_s") is not None else "-"
-    return (f"{name:<26} {r['rps']:>8.1f} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-            f"{r['max_ms']:>7.1f} {r['ok']:>7d} {r['errors']:>5d} {mb:>6} {scpu:>6} {r['client_cpu_s']:>6.1f} "
-            f"{r['loadavg_1m_at_start']:>5.2f}")
+    per = f"{r['server_cpu_ms_per_request']:.3f}" if r.get("server_cpu_ms_per_request") is not None else "-"
+    p999 = f"{r['p999_ms']:.2f}" if "p999_ms" in r else "-"
+    return (f"{name:<26} {r['rps']:>8.1f} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} {r['p99_ms']:>7.2f} {p999:>7} "
+            f"{r['max_ms']:>7.1f} {r['ok']:>7d} {r['errors']:>5d} {mb:>6} {scpu:>6} {per:>7} "
+            f"{r['client_cpu_s']:>6.1f} {r['loadavg_1m_at_start']:>5.2f}")
 
 
 def print_report(report: dict[str, Any]) -> None:
     c, m = report["config"], report["machine"]
     print(f"\nserve_load: {c['run']}  concurrency={c['concurrency']} seconds={c['seconds']} "
-          f"client_procs={c['client_procs']} cpus={m['cpus']}")
-    print(f"{'phase':<26} {'req/s':>8} {'p50ms':>7} {'p90ms':>7} {'p99ms':>7} {'maxms':>7} "
-          f"{'ok':>7} {'err':>5} {'batch':>6} {'srvCPU':>6} {'cliCPU':>6} {'load':>5}")
+          f"client_procs={c['client_procs']} workers={c['workers']} cpus={m['cpus']}")
+    pin = report["pin"]
+    if pin["applied"]:
+        print(f"pinned: server (and Redis) on CPU {pin['server_cpus']}, load generator on CPU {pin['loadgen_cpus']}")
+    elif pin["requested"]:
+        print(f"not pinned: {pin['reason']}")
+    print(f"{'phase':<26} {'req/s':>8} {'p50ms':>7} {'p90ms':>7} {'p99ms':>7} {'p99.9':>7} {'maxms':>7} "
+          f"{'ok':>7} {'err':>5} {'batch':>6} {'srvCPU':>6} {'ms/req':>7} {'cliCPU':>6} {'load':>5}")
     for name, r in report["phases"].items():
         print(fmt_row(name, r))
+    if (ol := report.get("open_loop")) is not None:
+        last = ol["rates"][-1] if ol["rates"] else {}
+        print(f"open loop: latency from the scheduled send time; generator lag p99 {last.get('dispatch_lag_p99_ms')} "
+              f"ms, wait for a connection p99 {last.get('queue_wait_p99_ms')} ms at the last rate; "
+              + (f"stopped at {ol['stopped_at_rate']:g} req/s ({ol['stop_rule']})" if ol["stopped_at_rate"]
+                 else "every rate passed the stop rule"))
+    for tag, srv in report["servers"].items():
+        for p in srv.get("memory", []):
+            print(f"memory [{tag}] pid {p['pid']}: rss {p['rss_mib']} MiB (anon {p['anon_mib']}, file {p['file_mib']}), "
+                  f"pss {p['pss_mib']} MiB  {p['cmd'][:60]}")
     if (rb := report.get("rebuilds")) is not None:
         d, o = rb["requests_during_rebuilds"], rb["requests_outside_rebuilds"]
         print(f"rebuilds: versions {' -> '.join(str(v) for v in rb['versions_served'])}; "
@@ -458,6 +570,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--server-env", action="append", default=[], metavar="RAGREC_X=V",
                     help="extra setting for every server start (repeatable), e.g. RAGREC_TORCH_THREADS=2")
+    ap.add_argument("--pin", action="store_true",
+                    help="server on one CPU, load generator on the others (needs 2 usable CPUs)")
+    ap.add_argument("--server-cpus", type=int, default=1, help="CPUs the server gets with --pin")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="ragrec serve --workers N (N > 1: the script starts a private redis-server for them)")
+    ap.add_argument("--rate", type=float, nargs="+", default=None, metavar="R",
+                    help="open-loop rates in requests/s (Poisson arrivals), e.g. --rate 250 500 1000 1500")
+    ap.add_argument("--rate-seconds", type=float, default=10.0, help="length of each open-loop rate")
+    ap.add_argument("--connections", type=int, default=64,
+                    help="open loop: keep-alive connections (the most requests in flight)")
+    ap.add_argument("--max-p99-ms", type=float, default=50.0, help="open loop: stop after the first rate past this p99")
     ap.add_argument("--json", type=Path, default=None, help="write the report here")
     args = ap.parse_args(argv)
     if args.host == "localhost":
@@ -467,7 +590,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--host {args.host} is not a loopback address")
     except ValueError:
         ap.error(f"--host {args.host} is not an IP address")
-    for name in ("concurrency", "max_requests", "client_procs", "k", "outage_users"):
+    for name in ("concurrency", "max_requests", "client_procs", "k", "outage_users", "workers", "server_cpus",
+                 "connections"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     for kv in args.server_env:
@@ -477,6 +601,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--seconds and --timeout must be > 0, --warmup >= 0")
     if args.rebuild_cycles < 0 or args.redis_outage < 0 or args.quiet < 0:
         ap.error("--rebuild-cycles, --redis-outage and --quiet must be >= 0")
+    if args.rate is not None and (min(args.rate) <= 0 or args.rate_seconds <= 0 or args.max_p99_ms <= 0):
+        ap.error("--rate values, --rate-seconds and --max-p99-ms must be > 0")
+    if args.workers > 1 and shutil.which("redis-server") is None:
+        ap.error("--workers > 1 needs redis-server on PATH (the workers share state through Redis)")
     if not 0 < args.history_share < 1:
         ap.error(f"--history-share must be in (0, 1), got {args.history_share}")
     args.client_procs = min(args.client_procs, args.concurrency)
@@ -492,6 +620,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --redis-outage needs redis-server on PATH (apt-get install redis-server)")
     # SIGTERM (e.g. a CI timeout) unwinds through the finally blocks, which stop the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    pin = pin_plan(args.pin, args.server_cpus)
+    if pin["requested"] and not pin["applied"]:
+        print(f"warning: {pin['reason']}", file=sys.stderr)
+    server_cpus, loadgen_cpus = (pin["server_cpus"], pin["loadgen_cpus"]) if pin["applied"] else (None, None)
+    if loadgen_cpus:
+        os.sched_setaffinity(0, loadgen_cpus)  # this script too: its probes and /proc reads stay off the server's CPU
     work = Path(tempfile.mkdtemp(prefix="serve_load-"))
     api_key = secrets.token_hex(16)
     common = {"RAGREC_INDEX_DIR": str((args.index_dir or work / "index").resolve()), "RAGREC_API_KEY": api_key,
@@ -502,26 +636,38 @@ def main(argv: list[str] | None = None) -> int:
                     "httpx": httpx.__version__, "loadavg_before": [round(x, 2) for x in os.getloadavg()]},
         "targets": TARGETS,
         "sequence_length": [MIN_LEN, MAX_LEN],
+        "pin": pin,
         "servers": {},
         "phases": {},
     }
     phases, servers = report["phases"], report["servers"]
 
     def server(tag: str, env: dict[str, str]) -> Server:
-        servers[tag] = {"env": {k: v for k, v in env.items() if k != "RAGREC_API_KEY"}}
-        return Server(args.run, args.host, common | env, work, tag, api_key)
+        servers[tag] = {"env": {k: v for k, v in env.items() if k != "RAGREC_API_KEY"}, "workers": args.workers}
+        return Server(args.run, args.host, common | env, work, tag, api_key, workers=args.workers, cpus=server_cpus)
 
     def phase(tag: str, name: str, kind: str, srv: Server) -> None:
         print(f"[{tag}] {name}: {args.warmup:g}s warm-up + {args.seconds:g}s ...", file=sys.stderr)
         phases[name] = run_phase(pool, srv, kind, items, args, args.seed)[0]
 
+    pool_kw: dict[str, Any] = {"initializer": os.sched_setaffinity, "initargs": (0, loadgen_cpus)} if loadgen_cpus else {}
     with contextlib.ExitStack() as cleanup, \
-            ProcessPoolExecutor(max_workers=args.client_procs, mp_context=get_context("spawn")) as pool:
+            ProcessPoolExecutor(max_workers=args.client_procs, mp_context=get_context("spawn"), **pool_kw) as pool:
         if args.index_dir is None:  # the temporary index (~25 MB a version) goes; the logs stay
             cleanup.callback(shutil.rmtree, work / "index", ignore_errors=True)
+        if args.workers > 1 and "RAGREC_REDIS_URL" not in common:  # the workers share state through Redis
+            assert redis_binary is not None
+            shared_redis = RedisServer(redis_binary, args.host, work, cpus=server_cpus)
+            shared_redis.start()
+            cleanup.callback(shared_redis.stop)
+            common["RAGREC_REDIS_URL"] = shared_redis.url
         with serving(server("batching_on", {}), args, servers["batching_on"], items) as srv:
             phase("batching_on", "healthz", "healthz", srv)
             phase("batching_on", BASELINE, "recommend", srv)
+            servers["batching_on"]["memory"] = srv.memory()  # after a load: the pages requests touch are in
+            if args.rate:
+                ol_phases, report["open_loop"] = open_loop_phase(pool, srv, items, args)
+                phases.update(ol_phases)
             if args.rebuild_cycles > 0:
                 print(f"[batching_on] {args.rebuild_cycles} rebuilds under load ...", file=sys.stderr)
                 phases["recommend during rebuilds"], report["rebuilds"] = rebuild_phase(
@@ -531,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                 phase("batching_off", "recommend (batching off)", "recommend", srv)
         if args.redis_outage > 0:
             assert redis_binary is not None
-            redis = RedisServer(redis_binary, args.host, work)
+            redis = RedisServer(redis_binary, args.host, work, cpus=server_cpus)
             redis.start()
             try:
                 srv_redis = server("redis", {"RAGREC_REDIS_URL": redis.url})

@@ -1,5 +1,9 @@
 """The processes bench/serve_load.py measures: the service (``python -m app.cli serve``) and a
-private redis-server, each on a free loopback port, each always stopped by ``stop()``."""
+private redis-server, each on a free loopback port, each always stopped by ``stop()``.
+
+``cpus``: the CPUs a process and everything it starts may run on (``os.sched_setaffinity`` in
+the child before it runs the program, so uvicorn's workers and the rebuild subprocesses inherit
+it); None leaves the scheduler free."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,6 +30,49 @@ def free_port(host: str) -> int:
 
 def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _pin(cpus: list[int] | None) -> Callable[[], None] | None:
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)  # one system call: safe between fork and exec
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (Linux /proc), the session leader first."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return sorted(pids, key=lambda p: (p != sid, p))
+
+
+def process_memory(pid: int) -> dict[str, object] | None:
+    """Resident memory of one process in MiB: rss (what ps shows), its anonymous part (private
+    heap: model, arrays read into memory), its file-backed part (libraries, mapped index files:
+    shared with every process mapping the same file) and pss (proportional: each shared page
+    divided among the processes mapping it, so the pss of all processes adds up to the RAM they
+    use together). None if the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+    def kib(text: str, key: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    return {"pid": pid, "cmd": cmd[:120], "rss_mib": round(kib(status, "VmRSS"), 1),
+            "anon_mib": round(kib(status, "RssAnon"), 1), "file_mib": round(kib(status, "RssFile"), 1),
+            "pss_mib": round(kib(rollup, "Pss"), 1)}
 
 
 def session_cpu_s(sid: int) -> float | None:
@@ -46,8 +94,9 @@ class Server:
     """``python -m app.cli serve`` in its own process group; stop() always takes it down."""
 
     def __init__(self, run: Path, host: str, env_extra: dict[str, str], log_dir: Path, tag: str,
-                 api_key: str) -> None:
+                 api_key: str, *, workers: int = 1, cpus: list[int] | None = None) -> None:
         self.run, self.host, self.env_extra, self.tag = run, host, env_extra, tag
+        self.workers, self.cpus = workers, cpus
         self.admin_headers = {"X-API-Key": api_key}
         self.log_path = log_dir / f"server-{tag}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -66,10 +115,11 @@ class Server:
         for attempt in range(3):  # the free port can be taken between probe and bind
             self.port = free_port(self.host)
             cmd = [sys.executable, "-m", "app.cli", "serve", "--run", str(self.run),
-                   "--host", self.host, "--port", str(self.port)]
+                   "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             preexec_fn=_pin(self.cpus))
             if self._wait_healthy(timeout_s):
                 return
             self.stop()
@@ -96,6 +146,13 @@ class Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+    def memory(self) -> list[dict[str, object]]:
+        """``process_memory`` of every process of the server (uvicorn's supervisor and its workers
+        with --workers > 1, the rebuild subprocess while one runs), the first one started first."""
+        if self.proc is None:
+            return []
+        return [m for pid in session_pids(self.proc.pid) if (m := process_memory(pid)) is not None]
 
     def cpu_s(self) -> float | None:
         return session_cpu_s(self.proc.pid) if self.proc is not None else None  # start_new_session: sid = pid
@@ -135,8 +192,8 @@ class Server:
 class RedisServer:
     """A private redis-server on a free loopback port, no persistence; stop() then start() keeps the port."""
 
-    def __init__(self, binary: str, host: str, work_dir: Path) -> None:
-        self.binary, self.host, self.work_dir = binary, host, work_dir
+    def __init__(self, binary: str, host: str, work_dir: Path, cpus: list[int] | None = None) -> None:
+        self.binary, self.host, self.work_dir, self.cpus = binary, host, work_dir, cpus
         self.port = free_port(host)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -148,7 +205,8 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
              "--dir", str(self.work_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            preexec_fn=_pin(self.cpus))
         deadline = time.monotonic() + timeout_s
         while not self._answers_ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
