@@ -101,6 +101,7 @@ class Server:
         self.log_path = log_dir / f"server-{tag}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self._log_offset = 0
 
     @property
     def base_url(self) -> str:
@@ -117,6 +118,7 @@ class Server:
             cmd = [sys.executable, "-m", "app.cli", "serve", "--run", str(self.run),
                    "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
             with open(self.log_path, "ab") as log:
+                self._log_offset = log.tell()
                 self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
                                              preexec_fn=_pin(self.cpus))
@@ -128,18 +130,30 @@ class Server:
         raise RuntimeError(f"server did not become healthy; log {self.log_path}:\n{self.log_tail()}")
 
     def _wait_healthy(self, timeout_s: float) -> bool:
+        """/healthz answers, and with --workers N every worker has finished its start-up (the
+        first one answers while the others may still be loading, which would skew a phase)."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=self.base_url, timeout=2.0, trust_env=False) as c:
             while time.monotonic() < deadline:
                 if self.proc is None or self.proc.poll() is not None:
                     return False
                 try:
-                    if c.get("/healthz").status_code == 200:
+                    up = c.get("/healthz").status_code == 200
+                    if up and (self.workers == 1 or self._workers_started() >= self.workers):
                         return True
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.2)
         return False
+
+    def _workers_started(self) -> int:
+        """uvicorn's "Application startup complete." lines in this start's part of the log."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                return log.read().count(b"Application startup complete.")
+        except OSError:
+            return 0
 
     def log_tail(self, n: int = 20) -> str:
         try:
