@@ -247,11 +247,21 @@ def serve(
             probe.bind((host, port))
         except OSError:
             raise RunError(f"port {port} on {host} is already in use; stop the other server or pass --port") from None
-    from app.main import serve as run_server
-
     _setup_logging(False)
     typer.echo(f"serving {run_dir} on http://{host}:{port} with {workers} worker{'s' * (workers > 1)} "
                f"(API docs: http://{host}:{port}/docs)", err=True)
+    if workers > 1:
+        # uvicorn's supervisor only starts and watches the workers; this process has imported torch
+        # for the checks above (~200 MiB resident), so the supervisor starts afresh in its place.
+        os.environ["RAGREC_RUN_DIR"] = str(run_dir)  # each worker builds its app from the environment
+        cmd = [sys.executable, "-m", "uvicorn", "app.main:app_from_env", "--factory", "--host", host,
+               "--port", str(port), "--workers", str(workers)]
+        if not settings.access_log:
+            cmd.append("--no-access-log")
+        sys.stderr.flush()
+        os.execv(sys.executable, cmd)
+    from app.main import serve as run_server
+
     run_server(run_dir, host=host, port=port, workers=workers)
 
 
