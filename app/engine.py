@@ -189,9 +189,9 @@ class Engine:
             excl, _ = self._known_ids(q.exclude_items)
             excluded.append(np.concatenate([ids, excl]) if q.exclude_seen else excl)
 
-        scores = self.popularity.expand(len(queries), -1).clone()  # (B, n_items); cold rows keep these
         warm = [i for i, s in enumerate(seqs) if len(s)]
-        extras: dict[int, dict] = {}
+        scores = None if len(warm) == len(queries) else self.popularity.expand(len(queries), -1).clone()
+        extras: dict[int, dict] = {}  # (B, n_items) scores; cold rows keep the popularity
         if warm:
             width = max(len(seqs[i]) for i in warm)
             batch = torch.zeros(len(warm), width, dtype=torch.int64)  # (B', L), left-aligned
@@ -203,39 +203,45 @@ class Engine:
                 logits = self.model.scores(h)  # (B', n_items)
                 self._timed("model", start)
                 extras = self._retrieve(queries, warm, [fulls[i] for i in warm], h, logits)
-            scores[warm] = logits.float().cpu()
+            if scores is None:
+                scores = logits.float().cpu()
+            else:
+                scores[warm] = logits.float().cpu()
+        assert scores is not None
 
         rows = np.repeat(np.arange(len(excluded)), [len(e) for e in excluded])
-        if len(rows):  # one indexed write for the whole batch; column j is item id j + 1
-            scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(excluded) - 1)] = -torch.inf
         k_max = min(max(q.k for q in queries), self.n_items)
-        top_scores, top_cols = torch.topk(scores, k_max, dim=1)  # (B, k_max)
+        with torch.inference_mode():  # scores may be the model's output, an inference tensor
+            if len(rows):  # one indexed write for the whole batch; column j is item id j + 1
+                scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(excluded) - 1)] = -torch.inf
+            top_scores, top_cols = torch.topk(scores, k_max, dim=1)  # (B, k_max)
+        top_scores, top_ids = top_scores.numpy(), top_cols.numpy() + 1
+        finite = np.isfinite(top_scores)  # masked items never appear, even when k exceeds what is left
 
         out = []
         for row, q in enumerate(queries):
-            s, c = top_scores[row, : q.k], top_cols[row, : q.k]
-            keep = torch.isfinite(s)  # masked items never appear, even when k exceeds what is left
-            s, c = s[keep], c[keep]
+            keep = finite[row, : q.k]
+            s, ids = top_scores[row, : q.k][keep], top_ids[row, : q.k][keep]
             extra = extras.get(row, {})
             if "explain" in extra:
-                extra.update(extra.pop("explain")(c.numpy() + 1))
+                extra.update(extra.pop("explain")(ids))
             out.append(Recommendation(
-                items=self.vocab.decode(c.numpy() + 1), scores=s.tolist(),
+                items=self.vocab.decode(ids), scores=s.tolist(),
                 fallback=None if len(seqs[row]) else "popular", unknown_items=unknowns[row],
                 sequence=self.vocab.decode(seqs[row]) if q.explain else [], retrieval_used=bool(extra),
                 index_version=extra.get("index_version", self.index_version),
                 neighbours=extra.get("neighbours"), fusion=extra.get("fusion")))
         return out
 
-    def seen_rows(self, seqs: list[np.ndarray]) -> torch.Tensor:
+    def seen_rows(self, seqs: list[np.ndarray]) -> np.ndarray:
         """(R, n_items) bool: the items of each sequence (the vote gives them nothing)."""
-        seen = torch.zeros(len(seqs), self.n_items, dtype=torch.bool)
+        seen = np.zeros((len(seqs), self.n_items), dtype=bool)
         rows = np.repeat(np.arange(len(seqs)), [len(x) for x in seqs])
         if len(rows):
-            seen[torch.from_numpy(rows), torch.from_numpy(np.concatenate(seqs) - 1)] = True
+            seen[rows, np.concatenate(seqs) - 1] = True
         return seen
 
-    def score_with_bank(self, bank: MemoryBank, h: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor, *,
+    def score_with_bank(self, bank: MemoryBank, h: torch.Tensor, logits: torch.Tensor, seen: np.ndarray, *,
                         exclude_user: np.ndarray | None = None, timed: bool = False, evidence: bool = False
                         ) -> tuple[Scored, SearchResult, np.ndarray]:
         """Search ``bank`` for h (R, D) and score with the retrieval design: (scores and
@@ -271,10 +277,14 @@ class Engine:
             return {}
         own = np.array([serving.user_rows.get(queries[warm[r]].user_id or "", -1) for r in rows], dtype=np.int64)
         explain = any(queries[warm[r]].explain for r in rows)
-        out, res, items = self.score_with_bank(serving.bank, h[rows], logits[rows],
+        every = len(rows) == len(warm)  # the usual case: no row copies
+        out, res, items = self.score_with_bank(serving.bank, h if every else h[rows], logits if every else logits[rows],
                                                self.seen_rows([seqs[r] for r in rows]), exclude_user=own, timed=True,
                                                evidence=explain)
-        logits[rows] = out.scores.to(logits.dtype)
+        if every:
+            logits.copy_(out.scores)
+        else:
+            logits[rows] = out.scores.to(logits.dtype)
 
         extras: dict[int, dict] = {}
         for j, r in enumerate(rows):

@@ -54,6 +54,21 @@ class ServiceMetrics:
         self.live_entries = Counter("ragrec_index_live_entries_added", "Bank entries added from events",
                                     registry=self.registry)
 
+        # Label lookups hash their values on every call: the per-request ones are bound once.
+        self._cache_hit, self._cache_miss = self.cache.labels("hit"), self.cache.labels("miss")
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def cache_outcome(self, hit: bool) -> None:
+        (self._cache_hit if hit else self._cache_miss).inc()
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        children = self._request_children.get((method, route, status))
+        if children is None:  # routes x methods x statuses: a small set, bound on first use
+            children = (self.latency.labels(method, route), self.requests.labels(method, route, str(status)))
+            self._request_children[(method, route, status)] = children
+        children[0].observe(seconds)
+        children[1].inc()
+
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
@@ -100,9 +115,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             route = scope.get("route")  # set by the router on the shared scope; None: no route matched
-            label = getattr(route, "path", "unmatched")
-            self.metrics.latency.labels(scope["method"], label).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(scope["method"], label, str(status)).inc()
+            self.metrics.observe_request(scope["method"], getattr(route, "path", "unmatched"), status,
+                                         time.perf_counter() - start)
 
 
 class BodyLimitMiddleware:

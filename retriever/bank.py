@@ -34,6 +34,7 @@ __all__ = ["MemoryBank", "SearchResult"]
 logger = logging.getLogger(__name__)
 
 _EXACT_FALLBACK_CHUNK = 32  # queries per exact-scan block: bounds the (chunk, N) score matrix
+_ROWWISE_BELOW = 8  # _collect: up to this many queries, compress results row by row
 
 
 @dataclass
@@ -237,7 +238,7 @@ class MemoryBank:
         quality_threshold: flag (``low_quality``) found entries whose quality is below it.
         mmr_lambda: re-rank the best ``mmr_pool`` (default 4k) candidates by MMR.
         """
-        q = ix.normalize(as_float_matrix(queries, "queries", dim=self.dim))
+        q = ix.unit_rows(as_float_matrix(queries, "queries", dim=self.dim))
         nq = q.shape[0]
         excl = self._check_exclusions(nq, exclude_ids, exclude_user, exclude_from_position)
         with self._lock.read():
@@ -271,10 +272,11 @@ class MemoryBank:
                 )
             excl["ids"] = E.astype(np.int64)
         if exclude_user is not None:
-            excl["user"] = as_int_vector(exclude_user, "exclude_user", nq)
+            users = as_int_vector(exclude_user, "exclude_user", nq)
             pos = (np.full(nq, np.iinfo(np.int64).min) if exclude_from_position is None
                    else as_int_vector(exclude_from_position, "exclude_from_position", nq))
-            excl["from_position"] = pos
+            if (users >= 0).any():  # every query anonymous (-1): no rule to apply, no over-fetch for it
+                excl["user"], excl["from_position"] = users, pos
         elif exclude_from_position is not None:
             raise InvalidParameter("exclude_from_position needs exclude_user")
         return excl
@@ -306,7 +308,7 @@ class MemoryBank:
             # probe more IVF lists as the fetch grows: what the exclusions removed was the near lists
             probe = None if base_nprobe is None else min(
                 base_nprobe * (fetch // first_fetch), self.index.params["nlist"], ix.GPU_MAX_K)
-            D, R = ix.search(self.index, q[todo], fetch, nprobe=probe, ef_search=ef_search)
+            D, R = ix.search_checked(self.index, q[todo], fetch, nprobe=probe, ef_search=ef_search)
             keep = R >= 0
             if excl or dead:
                 keep &= ~self._excluded(np.maximum(R, 0), excl, todo)
@@ -314,11 +316,17 @@ class MemoryBank:
             # the index has nothing more for a query once it pads with -1 or has given every row
             dry = (R[:, -1] < 0) | (fetch >= self._n)
             done = (count >= need) | (dry & (self.index.kind == "flat"))
-            order = np.argsort(~keep[done], axis=1, kind="stable")[:, :need]
-            width = order.shape[1]
-            ok = np.take_along_axis(keep[done], order, 1)
-            D_out[todo[done], :width] = np.where(ok, np.take_along_axis(D[done], order, 1), -np.inf)
-            R_out[todo[done], :width] = np.where(ok, np.take_along_axis(R[done], order, 1), -1)
+            if todo.size <= _ROWWISE_BELOW:  # a request or a few: compress row by row (fewer array ops)
+                for j in np.flatnonzero(done):
+                    cols = np.flatnonzero(keep[j])[:need]
+                    D_out[todo[j], : cols.size] = D[j, cols]
+                    R_out[todo[j], : cols.size] = R[j, cols]
+            else:
+                order = np.argsort(~keep[done], axis=1, kind="stable")[:, :need]
+                width = order.shape[1]
+                ok = np.take_along_axis(keep[done], order, 1)
+                D_out[todo[done], :width] = np.where(ok, np.take_along_axis(D[done], order, 1), -np.inf)
+                R_out[todo[done], :width] = np.where(ok, np.take_along_axis(R[done], order, 1), -1)
             short = ~done
             if short.any() and (dry[short].any() or fetch >= limit or fetch >= 16 * need + 1024):
                 # the approximate index ran dry (or the over-fetch grew large): scan the rest exactly
@@ -359,16 +367,19 @@ class MemoryBank:
 
     def _result(self, D, R, quality_threshold) -> SearchResult:
         found = R >= 0
-        r = np.maximum(R, 0)
+        every = bool(found.all())  # the usual case: no padding to fill in
+        r = R if every else np.maximum(R, 0)
 
         def gather(name, missing):
-            return np.where(found, self._col(name)[r], missing)
+            return self._col(name)[r] if every else np.where(found, self._col(name)[r], missing)
 
         quality = gather("quality", np.float32(np.nan)).astype(np.float32)
         low = np.zeros_like(found) if quality_threshold is None else found & (quality < quality_threshold)
         values = None
         if self.has_values:
-            values = np.where(found[:, :, None], self._col("values")[r], np.float32(0))
+            values = self._col("values")[r]
+            if not every:
+                values = np.where(found[:, :, None], values, np.float32(0))
         return SearchResult(D=D.astype(np.float32), I=gather("ids", -1), targets=gather("targets", -1),
                             users=gather("users", -1), positions=gather("positions", -1), quality=quality,
                             low_quality=low, values=values, version=self.version)

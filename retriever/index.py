@@ -110,6 +110,7 @@ class BuiltIndex:
     gpu_resources: object = None  # keeps the StandardGpuResources alive with its index
     lock: threading.Lock | None = field(default=None, repr=False)  # GPU only: serialises use
     mapped: bool = False  # CPU arrays are views of a memory-mapped file (read_index_mapped): read-only
+    search_params: dict = field(default_factory=dict, repr=False, compare=False)  # see _search_params
 
     @property
     def ntotal(self) -> int:
@@ -127,7 +128,11 @@ class BuiltIndex:
 
 def normalize(x) -> np.ndarray:
     """Return a float32 copy of (N, d) ``x`` with unit-norm rows; zero rows are an error."""
-    x = as_float_matrix(x, "vectors", allow_empty=True)
+    return unit_rows(as_float_matrix(x, "vectors", allow_empty=True))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """``normalize`` for a matrix ``as_float_matrix`` already checked (the per-request path)."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
         bad = np.flatnonzero(norms[:, 0] == 0)
@@ -314,11 +319,20 @@ def to_cpu_index(built: BuiltIndex) -> faiss.Index:
 
 
 def _search_params(built: BuiltIndex, nprobe: int | None, ef_search: int | None):
+    """The faiss parameter object for one search, made once per (kind, value) and index: a search
+    only reads it, so concurrent searches share it."""
     if built.kind in ("ivf_flat", "ivf_pq"):
-        return faiss.SearchParametersIVF(nprobe=int(nprobe or built.params["nprobe"]))
-    if built.kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=int(ef_search or built.params["ef_search"]))
-    return None
+        key = ("nprobe", int(nprobe or built.params["nprobe"]))
+    elif built.kind == "hnsw":
+        key = ("efSearch", int(ef_search or built.params["ef_search"]))
+    else:
+        return None
+    params = built.search_params.get(key)
+    if params is None:
+        params = (faiss.SearchParametersIVF(nprobe=key[1]) if key[0] == "nprobe"
+                  else faiss.SearchParametersHNSW(efSearch=key[1]))
+        built.search_params[key] = params
+    return params
 
 
 def search(built: BuiltIndex, queries, k: int, *, nprobe: int | None = None,
@@ -331,7 +345,13 @@ def search(built: BuiltIndex, queries, k: int, *, nprobe: int | None = None,
     for this call only.
     """
     xq = as_float_matrix(queries, "queries", dim=built.dim)
-    k = check_k(k, built.max_k, "what this index can return in one call")
+    return search_checked(built, xq, check_k(k, built.max_k, "what this index can return in one call"),
+                          nprobe=nprobe, ef_search=ef_search)
+
+
+def search_checked(built: BuiltIndex, xq: np.ndarray, k: int, *, nprobe: int | None = None,
+                   ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``search`` for queries ``as_float_matrix`` already checked and a k within ``max_k``."""
     if built.lock is None:
         return built.index.search(xq, k, params=_search_params(built, nprobe, ef_search))
     with built.lock:  # GPU: one user at a time, so setting nprobe here races with nobody

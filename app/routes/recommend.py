@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import logging
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request, Response
 
-from app.deps import BatcherDep, EngineDep, MetricsDep, SettingsDep, StoreDep
+from app.deps import BatcherDep, EngineDep, SettingsDep, StoreDep
 from app.engine import Engine, Query, Recommendation
-from app.schemas import (
-    BatchRecommendRequest,
-    BatchRecommendResponse,
-    Explanation,
-    RecommendRequest,
-    RecommendResponse,
-    ScoredItem,
-)
+from app.schemas import BatchRecommendRequest, BatchRecommendResponse, RecommendRequest, RecommendResponse
 from app.store import Store, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -37,17 +29,25 @@ async def _query(req: RecommendRequest, store: Store) -> Query:
                  user_id=req.user_id, use_retrieval=req.use_retrieval, explain=req.explain)
 
 
-def _response(req: RecommendRequest, rec: Recommendation, engine: Engine) -> RecommendResponse:
-    return RecommendResponse(
-        items=[ScoredItem(item_id=i, score=s) for i, s in zip(rec.items, rec.scores, strict=True)],
-        model_version=engine.model_version,
-        index_version=rec.index_version,
-        retrieval_used=rec.retrieval_used,
-        fallback=rec.fallback,  # type: ignore[arg-type]
-        unknown_items=rec.unknown_items,
-        explanation=Explanation(sequence=rec.sequence, neighbours=rec.neighbours or [],  # type: ignore[arg-type]
-                                fusion=rec.fusion) if req.explain else None,  # type: ignore[arg-type]
-    )
+def _payload(req: RecommendRequest, rec: Recommendation, engine: Engine) -> dict:
+    """The answer as RecommendResponse's JSON object, built directly: a recommendation is the
+    service's hottest path, and constructing and re-validating the pydantic models cost more
+    server CPU than the model's forward pass (bench/serve_load.py). tests/integration/test_api.py
+    checks every answer against RecommendResponse's schema."""
+    return {
+        "items": [{"item_id": i, "score": s} for i, s in zip(rec.items, rec.scores, strict=True)],
+        "model_version": engine.model_version,
+        "index_version": rec.index_version,
+        "retrieval_used": rec.retrieval_used,
+        "fallback": rec.fallback,
+        "unknown_items": rec.unknown_items,
+        "explanation": {"sequence": rec.sequence, "neighbours": rec.neighbours or [], "fusion": rec.fusion}
+        if req.explain else None,
+    }
+
+
+def _json(obj: object) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode(), media_type="application/json")
 
 
 def _cache_key(q: Query) -> str:
@@ -68,32 +68,36 @@ async def _cached(store: Store, key: str, version: str) -> Recommendation | None
 
 
 async def _cache(store: Store, key: str, version: str, rec: Recommendation, ttl_s: float) -> None:
-    try:
-        await store.cache_set(key, version, json.dumps(dataclasses.asdict(rec)).encode(), ttl_s)
+    try:  # vars(): its fields are JSON already (lists, dicts, str, float), no deep copy needed
+        await store.cache_set(key, version, json.dumps(vars(rec)).encode(), ttl_s)
     except StoreUnavailable as e:
         logger.debug("result not cached: %s", e)
 
 
 @router.post("", response_model=RecommendResponse)
-async def recommend(req: RecommendRequest, engine: EngineDep, batcher: BatcherDep, store: StoreDep,
-                    settings: SettingsDep, metrics: MetricsDep) -> RecommendResponse:
+async def recommend(req: RecommendRequest, request: Request, batcher: BatcherDep) -> Response:
     """Ranked items for a user's stored history and/or the given items (appended after the history).
     503 when a user_id is given and the history store is down."""
+    # The hot path reads the app's resources directly; only the batcher stays a dependency (tests
+    # replace it). Each dependency costs a resolution per request.
+    state = request.app.state
+    engine: Engine = state.engine
+    store: Store = state.store
     query = await _query(req, store)
     key, version = _cache_key(query), engine.cache_version
     rec = await _cached(store, key, version)
-    metrics.cache.labels("hit" if rec is not None else "miss").inc()
+    state.metrics.cache_outcome(rec is not None)
     if rec is None:
         rec = await batcher.recommend(query)
-        await _cache(store, key, version, rec, settings.cache_ttl_s)
-    return _response(req, rec, engine)
+        await _cache(store, key, version, rec, state.settings.cache_ttl_s)
+    return _json(_payload(req, rec, engine))
 
 
 @router.post("/batch", response_model=BatchRecommendResponse)
 async def recommend_batch(body: BatchRecommendRequest, engine: EngineDep, store: StoreDep,
-                          settings: SettingsDep) -> BatchRecommendResponse:
+                          settings: SettingsDep) -> Response:
     if len(body.requests) > settings.max_batch:
         raise HTTPException(422, f"a batch holds at most {settings.max_batch} requests, got {len(body.requests)}")
     queries = list(await asyncio.gather(*(_query(r, store) for r in body.requests)))
     recs = await asyncio.to_thread(engine.recommend_batch, queries)  # one forward pass for the batch
-    return BatchRecommendResponse(results=[_response(r, rec, engine) for r, rec in zip(body.requests, recs, strict=True)])
+    return _json({"results": [_payload(r, rec, engine) for r, rec in zip(body.requests, recs, strict=True)]})

@@ -145,14 +145,18 @@ def build_bank(encoder, data: SequenceData, split: Split, which: str, *, m_max: 
     return FrozenBank(users, positions, h, keys, center, items, pos, limits, which, index)
 
 
-@torch.no_grad()
 def unit_keys(h: torch.Tensor, center: torch.Tensor, proj: torch.nn.Module | None = None) -> np.ndarray:
-    """normalize(proj(h - center)): post-LN representations share one large direction (mean
-    pairwise cosine ~0.99), so uncentred every entry looks alike."""
-    x = h.float() - center
-    if proj is not None:
-        x = torch.cat([proj(part) for part in x.split(8192)])
-    return torch.nn.functional.normalize(x, dim=-1).numpy().astype(np.float32)
+    """normalize(proj(h - center)) as float32 (M, D): post-LN representations share one large
+    direction (mean pairwise cosine ~0.99), so uncentred every entry looks alike. Without a
+    projection it is plain numpy: a served request computes one key, and torch's per-call
+    overhead would be most of its cost."""
+    if proj is None:
+        x = h.detach().float().cpu().numpy() - center.detach().float().cpu().numpy()
+    else:
+        with torch.no_grad():
+            x = torch.cat([proj(part) for part in (h.float() - center).split(8192)]).numpy()
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 def check_queries(bank: FrozenBank, users: np.ndarray, positions: np.ndarray) -> None:

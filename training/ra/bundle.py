@@ -24,7 +24,7 @@ from training.model import ModelConfig, SequenceEncoder
 from training.ra.bank import unit_keys
 from training.ra.keys import KeyProjection
 from training.ra.module import RetrievalHead, freeze
-from training.ra.vote import VoteSettings, confidence_lambda, interpolate, vote_distribution
+from training.ra.vote import VoteSettings, confidence_lambda, interpolate, vote_distribution, vote_weights
 from training.ra_bank import encode_prefixes
 from training.run import MODEL_FORMAT, RunError
 
@@ -102,26 +102,22 @@ class RetrievalBundle:
         prefix representations (head only) and the queries' seen items (Q, N) bool.
         evidence: also each neighbour's weight and contributions (for explain; the vote's
         costs ~0.1 ms a request, so the service asks only when a query explains)."""
-        D = np.where(found, D, -np.inf).astype(np.float32)
-        items = np.where(found[:, :, None], items, 0)
+        if not found.all():
+            D = np.where(found, D, -np.inf)
+            items = np.where(found[:, :, None], items, 0)
+        D = D.astype(np.float32, copy=False)
         v = self.vote
         if self.design == "vote":
-            p = vote_distribution(D[:, : v.k], items[:, : v.k, : v.m], logits.shape[1], tau=v.tau, decay=v.decay,
-                                  seen=seen)
-            lam = confidence_lambda(D[:, : v.k], v)
-            lam = lam * (p.sum(dim=1, keepdim=True) > 0)
+            Dk, visible = D[:, : v.k], items[:, : v.k, : v.m]
+            raw = vote_weights(Dk, visible, tau=v.tau, decay=v.decay, seen=seen)  # (Q, K, m)
+            p = vote_distribution(Dk, visible, logits.shape[1], tau=v.tau, decay=v.decay, raw=raw)
+            lam = confidence_lambda(Dk, v) * torch.from_numpy(raw.sum(axis=(1, 2)) > 0)[:, None]  # no vote: λ = 0
             scores = interpolate(logits, p, lam, v.T)
             if not evidence:
                 return Scored(scores, None, lam, None)
-            Dt = torch.from_numpy(D[:, : v.k])
-            w = torch.exp((Dt - Dt.max(dim=1, keepdim=True).values) / v.tau).nan_to_num(0.0)
-            steps = v.decay ** torch.arange(v.m, dtype=torch.float32)
-            raw = w[:, :, None] * steps * torch.from_numpy(items[:, : v.k, : v.m] > 0)
-            visible = torch.from_numpy(items[:, : v.k, : v.m])
-            seen_pad = torch.cat([torch.zeros(len(seen), 1, dtype=torch.bool), seen], dim=1)
-            raw = raw.masked_fill(seen_pad.gather(1, visible.reshape(len(seen), -1)).view_as(raw), 0.0)
-            total = raw.sum(dim=(1, 2), keepdim=True).clamp(min=1e-30)
-            contrib = lam[:, :, None] * raw / total
+            total = raw.sum(axis=(1, 2), keepdims=True)
+            contrib = lam[:, :, None] * torch.from_numpy(np.divide(raw, total, out=np.zeros_like(raw),
+                                                                   where=total > 0).astype(np.float32))
             weights = contrib.sum(dim=2) / lam.clamp(min=1e-30)
             return Scored(scores, weights, lam, contrib)
         assert self.head is not None

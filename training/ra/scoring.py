@@ -30,13 +30,14 @@ def seen_mask(data: SequenceData, users: np.ndarray, positions: np.ndarray) -> t
     return out
 
 
-def target_ranks(scores: torch.Tensor, targets: np.ndarray, seen: torch.Tensor | None = None) -> np.ndarray:
+def target_ranks(scores: torch.Tensor, targets: np.ndarray, seen: torch.Tensor | np.ndarray | None = None
+                 ) -> np.ndarray:
     """(Q,) 0-based rank of each target among all items (ties in its favour); with ``seen``
     those items drop out of the ranking, the target never does."""
     scores = scores.float()
     tgt = torch.as_tensor(targets, dtype=torch.int64) - 1
     if seen is not None:
-        seen = seen.clone()
+        seen = torch.as_tensor(seen).clone()
         seen[torch.arange(len(tgt)), tgt] = False
         scores = scores.masked_fill(seen, float("-inf"))
     t = scores.gather(1, tgt[:, None])

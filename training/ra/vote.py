@@ -34,39 +34,63 @@ class VoteSettings:
         return asdict(self)
 
 
+def _numpy(x, dtype) -> np.ndarray:
+    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(dtype, copy=False)
+
+
+def vote_weights(D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor, *, tau: float, decay: float,
+                 seen: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+    """(Q, K, m) float64 unnormalised votes: exp((sim - top sim) / τ) · decay^j for the j-th next
+    item of each neighbour; 0 for missing neighbours (-inf), empty slots (item 0) and, with
+    seen (Q, N) bool, the query's own items. The one computation behind the distribution and
+    the service's per-neighbour contributions."""
+    D = _numpy(D, np.float64)
+    items = _numpy(items, np.int64)
+    Q, K, m = items.shape
+    finite = np.isfinite(D)
+    top = np.where(finite, D, -1e9).max(axis=1, keepdims=True) if K else np.zeros((Q, 1))
+    w = np.exp(np.where(finite, D - top, -np.inf) / tau)  # (Q, K) in (0, 1], 0 where missing
+    raw = w[:, :, None] * (decay ** np.arange(m, dtype=np.float64))
+    live = items > 0
+    if seen is not None:
+        seen = _numpy(seen, np.bool_)
+        live &= ~seen[np.arange(Q)[:, None, None], np.maximum(items, 1) - 1]
+    return np.where(live, raw, 0.0)
+
+
 def vote_distribution(D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor, n_items: int, *,
-                      tau: float, decay: float, seen: torch.Tensor | None = None) -> torch.Tensor:
+                      tau: float, decay: float, seen: np.ndarray | torch.Tensor | None = None,
+                      raw: np.ndarray | None = None) -> torch.Tensor:
     """(Q, N) float32 p_kNN; rows with no visible vote are all zero.
 
     D: (Q, K) similarities (-inf for missing); items: (Q, K, m) visible item ids (0 = none);
-    seen: (Q, N) bool items to zero (the query's own history).
+    seen: (Q, N) bool items to zero (the query's own history). raw: ``vote_weights`` of these
+    arguments when the caller already has them.
     """
-    D = torch.as_tensor(D, dtype=torch.float32)
-    items = torch.as_tensor(items, dtype=torch.int64)
-    Q, K, m = items.shape
-    finite = torch.isfinite(D)
-    top = torch.where(finite, D, torch.full_like(D, -1e9)).max(dim=1, keepdim=True).values
-    w = torch.where(finite, torch.exp((D - top) / tau), torch.zeros_like(D))  # (Q, K) in (0, 1]
-    steps = decay ** torch.arange(m, dtype=torch.float32)  # (m,)
-    weights = (w[:, :, None] * steps[None, None, :]).reshape(Q, K * m)
-    out = torch.zeros(Q, n_items + 1)
-    out.scatter_add_(1, items.reshape(Q, K * m), weights * (items.reshape(Q, K * m) > 0))
-    out = out[:, 1:]
-    if seen is not None:
-        out = out.masked_fill(seen, 0.0)
-    total = out.sum(dim=1, keepdim=True)
-    return torch.where(total > 0, out / total.clamp(min=1e-30), out)
+    items = _numpy(items, np.int64)
+    if raw is None:
+        raw = vote_weights(D, items, tau=tau, decay=decay, seen=seen)
+    Q = items.shape[0]
+    flat = (items.reshape(Q, -1) + (np.arange(Q, dtype=np.int64) * (n_items + 1))[:, None]).ravel()
+    p = np.bincount(flat, raw.ravel(), minlength=Q * (n_items + 1)).reshape(Q, n_items + 1)[:, 1:]
+    total = p.sum(axis=1, keepdims=True)
+    return torch.from_numpy(np.divide(p, total, out=np.zeros_like(p), where=total > 0).astype(np.float32))
 
 
 def confidence_lambda(D: np.ndarray | torch.Tensor, s: VoteSettings) -> torch.Tensor:
-    """(Q, 1) λ per query."""
-    D = torch.as_tensor(D, dtype=torch.float32)
+    """(Q, 1) float32 λ per query."""
+    D = _numpy(D, np.float32)
     if s.beta == 0:
         return torch.full((D.shape[0], 1), s.lam)
-    top = torch.where(torch.isfinite(D), D, torch.full_like(D, -1.0)).max(dim=1, keepdim=True).values
-    return s.lam * torch.sigmoid(s.beta * (top - s.pivot))
+    top = np.where(np.isfinite(D), D, np.float32(-1.0)).max(axis=1, keepdims=True)
+    return torch.from_numpy((s.lam / (1 + np.exp(-s.beta * (top - s.pivot)))).astype(np.float32))
 
 
 def interpolate(logits: torch.Tensor, p_knn: torch.Tensor, lam: torch.Tensor | float, T: float) -> torch.Tensor:
-    """(Q, N) mixed probabilities (ranking scores)."""
-    return (1 - lam) * torch.softmax(logits.float() / T, dim=1) + lam * p_knn
+    """(Q, N) float32 mixed probabilities (ranking scores). numpy inside: for one request
+    torch's per-operation overhead costs more than the arithmetic."""
+    x = _numpy(logits, np.float32)
+    x = np.exp((x - x.max(axis=1, keepdims=True)) * np.float32(1 / T))
+    x /= x.sum(axis=1, keepdims=True)
+    lam = _numpy(lam, np.float32) if isinstance(lam, torch.Tensor | np.ndarray) else np.float32(lam)
+    return torch.from_numpy((1 - lam) * x + lam * _numpy(p_knn, np.float32))
