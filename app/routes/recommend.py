@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 
+import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from app.deps import BatcherDep, EngineDep, SettingsDep, StoreDep
@@ -32,7 +32,7 @@ async def _query(req: RecommendRequest, store: Store) -> Query:
 def _payload(req: RecommendRequest, rec: Recommendation, engine: Engine) -> dict:
     """The answer as RecommendResponse's JSON object, built directly: a recommendation is the
     service's hottest path, and constructing and re-validating the pydantic models cost more
-    server CPU than the model's forward pass (bench/serve_load.py). tests/integration/test_api.py
+    server CPU than the model's forward pass (bench/serve_load.py). tests/integration/test_response_encoding.py
     checks every answer against RecommendResponse's schema."""
     return {
         "items": [{"item_id": i, "score": s} for i, s in zip(rec.items, rec.scores, strict=True)],
@@ -47,14 +47,14 @@ def _payload(req: RecommendRequest, rec: Recommendation, engine: Engine) -> dict
 
 
 def _json(obj: object) -> Response:
-    return Response(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode(), media_type="application/json")
+    return Response(orjson.dumps(obj), media_type="application/json")
 
 
 def _cache_key(q: Query) -> str:
     """Everything the answer depends on besides the model and index, which key the cache's version."""
-    raw = json.dumps([q.items, q.k, q.exclude_seen, sorted(set(q.exclude_items)), q.user_id, q.use_retrieval,
-                      q.explain])
-    return "rec:" + hashlib.sha256(raw.encode()).hexdigest()
+    raw = orjson.dumps([q.items, q.k, q.exclude_seen, sorted(set(q.exclude_items)), q.user_id, q.use_retrieval,
+                        q.explain])
+    return "rec:" + hashlib.sha256(raw).hexdigest()
 
 
 async def _cached(store: Store, key: str, version: str) -> Recommendation | None:
@@ -64,12 +64,12 @@ async def _cached(store: Store, key: str, version: str) -> Recommendation | None
     except StoreUnavailable as e:
         logger.debug("result cache skipped: %s", e)
         return None
-    return None if raw is None else Recommendation(**json.loads(raw))
+    return None if raw is None else Recommendation(**orjson.loads(raw))
 
 
 async def _cache(store: Store, key: str, version: str, rec: Recommendation, ttl_s: float) -> None:
     try:  # vars(): its fields are JSON already (lists, dicts, str, float), no deep copy needed
-        await store.cache_set(key, version, json.dumps(vars(rec)).encode(), ttl_s)
+        await store.cache_set(key, version, orjson.dumps(vars(rec)), ttl_s)
     except StoreUnavailable as e:
         logger.debug("result not cached: %s", e)
 
