@@ -158,7 +158,8 @@ def run_phase(pool: ProcessPoolExecutor, server: Server, kind: str, items: list[
     stop_file = None
     if during is not None:
         stop_file = str(server.log_path.with_name(f"stop-{secrets.token_hex(4)}"))
-    recommend = kind != "healthz"
+    # /metrics is per process: with --workers N a scrape shows whichever worker took the connection
+    recommend = kind != "healthz" and args.workers == 1
     cpu0, bs0, load0 = server.cpu_s(), server.batch_stats() if recommend else None, os.getloadavg()[0]
     seconds = args.seconds if during is None else args.max_phase_seconds
     futs = [pool.submit(load_worker, s)
