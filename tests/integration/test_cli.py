@@ -114,3 +114,60 @@ def test_report_writes_pngs_and_refuses_a_missing_run(tmp_path, inter):
     bad = ragrec("report", str(tmp_path / "nope"))
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error:")
+
+
+@pytest.mark.redis
+def test_serve_with_two_workers_shares_state_through_redis(tmp_path, inter, redis_server):
+    """`ragrec serve --workers 2`: a supervisor without the model (started afresh, not a copy of
+    the command's process) and two workers, which answer from one shared Redis."""
+    import os
+    import signal
+    import socket
+    import time
+    import uuid
+    from pathlib import Path
+
+    import httpx
+
+    out = tmp_path / "run"
+    assert ragrec("train", "--out", str(out), "--set", f"data.path={inter}", *TINY).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGREC_")}
+    env |= {"RAGREC_REDIS_URL": redis_server.url, "RAGREC_REDIS_PREFIX": f"workers-{uuid.uuid4().hex}"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--run", str(out), "--port", str(port),
+                                 "--workers", "2"], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        children: list[int] = []
+        while len(children) < 2 or not _answers(url):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            children = [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            time.sleep(0.2)
+        supervisor = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"uvicorn" in supervisor and b"--workers" in supervisor, supervisor
+        assert "/torch/" not in Path(f"/proc/{proc.pid}/maps").read_text()  # torch stays in the workers
+        user = f"u-{uuid.uuid4().hex[:8]}"
+        r = httpx.post(f"{url}/v1/events", json={"user_id": user, "item_id": "1", "timestamp": 1.0})
+        assert r.status_code == 200, r.text
+        for _ in range(12):  # fresh connections: either worker may answer, each reads the one Redis
+            h = httpx.get(f"{url}/v1/users/{user}/history")
+            assert h.status_code == 200 and [e["item_id"] for e in h.json()["items"]] == ["1"], h.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
