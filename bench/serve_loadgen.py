@@ -320,6 +320,9 @@ async def _open_loop(spec: OpenLoopSpec, schedule: np.ndarray, requests: list[by
             try:
                 async with asyncio.timeout(spec.timeout_s):
                     status = await conn.exchange(request)
+            except asyncio.CancelledError:  # the drain deadline passed (below)
+                records.append((scheduled, now() - scheduled, "Cancelled", queued - scheduled, sent - queued))
+                raise
             except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
                     ValueError) as e:
                 conn.close()
@@ -339,7 +342,17 @@ async def _open_loop(spec: OpenLoopSpec, schedule: np.ndarray, requests: list[by
             await asyncio.sleep(times[i] - now())
     for _ in workers:
         queue.put_nowait(None)
-    await asyncio.gather(*workers)
+    # Bounded: what a saturated server has not answered timeout_s after the schedule ended is
+    # counted as an error ("NotSent" if still queued, "Cancelled" if in flight), not waited for.
+    _, pending = await asyncio.wait(workers, timeout=spec.timeout_s + 1.0)
+    if pending:
+        t = now()
+        while not queue.empty():
+            if (item := queue.get_nowait()) is not None:
+                records.append((item[0], t - item[0], "NotSent", item[1] - item[0], t - item[1]))
+        for w in pending:
+            w.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     for c in conns:
         c.close()
     return {"records": records, "start": start, "elapsed_s": now() - start}

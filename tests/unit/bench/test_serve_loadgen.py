@@ -175,3 +175,29 @@ def test_cpu_ms_per_request(serve_load: ModuleType) -> None:
     assert serve_load.cpu_ms_per_request(10.0, 12.5, 1000) == pytest.approx(2.5)
     assert serve_load.cpu_ms_per_request(None, 12.5, 1000) is None
     assert serve_load.cpu_ms_per_request(1.0, 2.0, 0) is None
+
+
+class _Slow(_Healthz):
+    def do_GET(self) -> None:
+        threading.Event().wait(0.3)
+        super().do_GET()
+
+
+def test_open_loop_gives_up_on_a_saturated_server(loadgen: ModuleType) -> None:
+    """One connection to a server answering every 0.3 s, 100 requests/s offered: the run ends
+    timeout_s + 1 s after its schedule, and every scheduled request is counted, the ones never
+    answered as errors."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        spec = loadgen.OpenLoopSpec(f"http://127.0.0.1:{server.server_address[1]}", "healthz", [], rate=100.0,
+                                    seconds=0.3, timeout_s=0.5, k=10, seed=5, connections=1)
+        records = loadgen.open_loop_worker(spec)["records"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    statuses = loadgen.status_counts([(0, 0, r[2], "") for r in records])
+    assert len(records) == len(loadgen.poisson_schedule(100.0, 0.3, seed=5))
+    assert statuses.get("NotSent", 0) > 0 and statuses.get("200", 0) < len(records), statuses
