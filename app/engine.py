@@ -21,6 +21,7 @@ import torch
 
 if TYPE_CHECKING:
     from app.index import IndexManager
+    from app.onnx_encoder import OnnxEncoder
     from retriever import MemoryBank, SearchResult
     from training.data import Vocabulary
     from training.model import SequenceEncoder
@@ -94,7 +95,8 @@ class Engine:
 
     def __init__(self, model: SequenceEncoder, vocab: Vocabulary, popularity: np.ndarray, *, model_version: str,
                  device: str = "cpu", ra: RetrievalBundle | None = None,
-                 histories: dict[str, np.ndarray] | None = None, run_dir: Path | None = None) -> None:
+                 histories: dict[str, np.ndarray] | None = None, run_dir: Path | None = None,
+                 inference: str = "auto") -> None:
         n_items = model.cfg.n_items
         if len(vocab) - 1 != n_items:
             raise ValueError(f"vocabulary has {len(vocab) - 1} items but the model has {n_items}")
@@ -114,6 +116,24 @@ class Engine:
         self.index: IndexManager | None = None  # set by the service once it serves a bank
         self.popularity = torch.as_tensor(popularity, dtype=torch.float32)  # (n_items,)
         self.on_stage: Callable[[str, float], None] | None = None  # (stage, seconds): model/search/fusion
+        self.onnx = self._onnx_encoder(inference)  # the encoder as an ONNX Runtime session, or None
+
+    def _onnx_encoder(self, inference: str) -> OnnxEncoder | None:
+        """The ONNX Runtime encoder for inference "onnx" (an error when it cannot run), or for
+        "auto" where it can (CPU, onnxruntime installed); None: eager PyTorch."""
+        if inference not in ("auto", "torch", "onnx"):
+            raise ValueError(f"inference must be 'auto', 'torch' or 'onnx', got {inference!r}")
+        if inference == "torch":
+            return None
+        if self.device.type != "cpu":
+            if inference == "onnx":
+                raise ValueError(f"inference 'onnx' runs on CPU; this engine serves on {self.device}")
+            return None
+        from app.onnx_encoder import OnnxEncoder, onnx_available
+
+        if inference == "auto" and not onnx_available():
+            return None
+        return OnnxEncoder(self.model, threads=torch.get_num_threads())
 
     @property
     def index_version(self) -> str | None:
@@ -126,9 +146,11 @@ class Engine:
         return f"{self.model_version}|{self.index_version}"
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, *, device: str = "cpu", histories: bool = True) -> Engine:
+    def from_run_dir(cls, run_dir: str | Path, *, device: str = "cpu", histories: bool = True,
+                     inference: str = "auto") -> Engine:
         """Load a finished run: ``model.pt``, and ``retrieval.pt`` for a retrieval run.
-        histories: read users' training-data histories (requests by user_id start from them)."""
+        histories: read users' training-data histories (requests by user_id start from them).
+        inference: "torch", "onnx" (the encoder run by ONNX Runtime, CPU) or "auto" (onnx where it can)."""
         from training.data import Vocabulary
         from training.ra.bundle import load_bundle
         from training.run import RunError, load_model_file
@@ -154,7 +176,7 @@ class Engine:
                     f"retrieval: {ra.design}" if ra is not None else "base model", model.cfg.n_items,
                     model.cfg.max_len, files.source)
         return cls(model, vocab, files.popularity, model_version=version, device=device, ra=ra,
-                   histories=files.histories if histories else None, run_dir=run)
+                   histories=files.histories if histories else None, run_dir=run, inference=inference)
 
     def _known_ids(self, tokens: list[str]) -> tuple[np.ndarray, list[str]]:
         """(ids > 0 in order, unknown tokens deduplicated). The padding token counts as unknown."""
@@ -199,8 +221,11 @@ class Engine:
                 batch[row, : len(seqs[i])] = torch.from_numpy(seqs[i])
             with torch.inference_mode():
                 start = time.perf_counter()
-                h = self.model(batch.to(self.device))  # (B', D)
-                logits = self.model.scores(h)  # (B', n_items)
+                if self.onnx is not None:
+                    h, logits = (torch.from_numpy(x) for x in self.onnx(batch.numpy()))  # (B', D), (B', n_items)
+                else:
+                    h = self.model(batch.to(self.device))  # (B', D)
+                    logits = self.model.scores(h)  # (B', n_items)
                 self._timed("model", start)
                 extras = self._retrieve(queries, warm, [fulls[i] for i in warm], h, logits)
             if scores is None:

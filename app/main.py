@@ -81,7 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: ServiceMetrics = app.state.metrics
     torch.set_num_threads(settings.torch_threads)
     engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device,
-                                     histories=settings.training_histories)
+                                     histories=settings.training_histories, inference=settings.inference)
     engine.on_stage = metrics.observe_stage
     store = open_store(settings)
     batcher = MicroBatcher(engine, wait_ms=settings.batch_wait_ms, max_size=settings.batch_max_size,

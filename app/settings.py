@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,10 @@ class Settings(BaseSettings):
     # waits on the first and competes with the event loop (2-core bench/serve_load.py: 695 req/s
     # with 1 thread vs 594 with torch's default of one per core). Raise it for large batches.
     torch_threads: int = Field(1, ge=1)
+    # the encoder's forward pass: "torch" (eager), or "onnx": exported at start and run by ONNX Runtime
+    # (CPU; pip install 'ragrec[onnx]'; 0.28 vs 0.40 ms of CPU per request at batch 16, docs/serving.md);
+    # "auto": onnx where it can run (CPU device, onnxruntime installed), else torch
+    inference: Literal["auto", "torch", "onnx"] = "auto"
     access_log: bool = False  # uvicorn's line per request (costs CPU under load; the proxy usually logs)
     training_histories: bool = True  # requests by user_id start from the user's history in the run's data
     # Retrieval (runs with retrieval.pt): the memory bank's versions live here; None: <run_dir>/index

@@ -27,7 +27,7 @@ async def run_worker(settings: Settings) -> None:
     if settings.rebuild_interval <= 0:
         raise RunError("the worker rebuilds on a schedule: set RAGREC_REBUILD_INTERVAL (seconds) or --interval")
     engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device,
-                                     histories=settings.training_histories)
+                                     histories=settings.training_histories, inference="torch")  # answers nothing
     if engine.ra is None:
         raise RunError(f"{settings.run_dir} has no retrieval.pt: only retrieval runs have an index to rebuild")
     store = open_store(settings)

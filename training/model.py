@@ -157,7 +157,7 @@ class SelfAttention(nn.Module):
             else:
                 mask = self._bias(cols, length).transpose(0, 1).unsqueeze(2)  # (P, H, 1, L)
             y = attention(qs, ks, vs, mask, p)
-            y = y.reshape(len(rows), dim)  # (P, D)
+            y = y.reshape(-1, dim)  # (P, D); no len(): an exported graph keeps P symbolic
             residual = x.reshape(-1, dim).index_select(0, flat)
         return self.norm(residual + self.dropout(self.out(y)))
 
