@@ -24,7 +24,7 @@ from training.model import ModelConfig, SequenceEncoder
 from training.ra.bank import unit_keys
 from training.ra.keys import KeyProjection
 from training.ra.module import RetrievalHead, freeze
-from training.ra.vote import VoteSettings, confidence_lambda, interpolate, vote_distribution, vote_weights
+from training.ra.vote import VoteSettings, vote, vote_distribution
 from training.ra_bank import encode_prefixes
 from training.run import MODEL_FORMAT, RunError
 
@@ -108,18 +108,14 @@ class RetrievalBundle:
         D = D.astype(np.float32, copy=False)
         v = self.vote
         if self.design == "vote":
-            Dk, visible = D[:, : v.k], items[:, : v.k, : v.m]
-            raw = vote_weights(Dk, visible, tau=v.tau, decay=v.decay, seen=seen)  # (Q, K, m)
-            p = vote_distribution(Dk, visible, logits.shape[1], tau=v.tau, decay=v.decay, raw=raw)
-            lam = confidence_lambda(Dk, v) * torch.from_numpy(raw.sum(axis=(1, 2)) > 0)[:, None]  # no vote: λ = 0
-            scores = interpolate(logits, p, lam, v.T)
+            voted = vote(logits, D, items, v, seen=seen)
             if not evidence:
-                return Scored(scores, None, lam, None)
-            total = raw.sum(axis=(1, 2), keepdims=True)
-            contrib = lam[:, :, None] * torch.from_numpy(np.divide(raw, total, out=np.zeros_like(raw),
-                                                                   where=total > 0).astype(np.float32))
-            weights = contrib.sum(dim=2) / lam.clamp(min=1e-30)
-            return Scored(scores, weights, lam, contrib)
+                return Scored(voted.scores, None, voted.lam, None)
+            total = voted.raw.sum(axis=(1, 2), keepdims=True)
+            share = np.divide(voted.raw, total, out=np.zeros_like(voted.raw), where=total > 0)
+            contrib = voted.lam[:, :, None] * torch.from_numpy(share.astype(np.float32))  # (Q, K, m)
+            weights = contrib.sum(dim=2) / voted.lam.clamp(min=1e-30)
+            return Scored(voted.scores, weights, voted.lam, contrib)
         assert self.head is not None
         hs = self.settings["head"]
         k = hs["k"]

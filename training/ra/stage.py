@@ -30,7 +30,7 @@ from training.evaluate import ndcg_at
 from training.ra import bank as bk
 from training.ra.module import LayerAdapters, RetrievalHead, ce_loss, freeze, kl_term
 from training.ra.scoring import seen_mask, target_ranks
-from training.ra.vote import VoteSettings, confidence_lambda, interpolate, vote_distribution
+from training.ra.vote import VoteSettings, vote, vote_distribution
 from training.ra_bank import encode_prefixes
 from training.run import RunError, load_model_file, load_run_data
 
@@ -185,14 +185,8 @@ def vote_scores(prep: Prepared, which: str, s: VoteSettings, logits: torch.Tenso
     """(Q, N) interpolated probabilities of a query set under vote settings ``s``."""
     q = queries_for(prep, which)
     logits = prep.base_logits(q) if logits is None else logits
-    p = vote_probs(prep, which, s.k, s.m, s.tau, s.decay)
-    return interpolate(logits, p, confidence_lambda(q.D[:, : s.k], s), s.T)
-
-
-def vote_probs(prep: Prepared, which: str, k: int, m: int, tau: float, decay: float) -> torch.Tensor:
-    q = queries_for(prep, which)
-    items = bk.visible_next(bank_for(prep, which), q.I[:, :k], q.users, q.positions, m)
-    return vote_distribution(q.D[:, :k], items, prep.data.n_items, tau=tau, decay=decay, seen=q.seen)
+    items = bk.visible_next(bank_for(prep, which), q.I[:, : s.k], q.users, q.positions, s.m)
+    return vote(logits, q.D, items, s, seen=q.seen).scores
 
 
 # ------------------------------------------------------------------ the learned head

@@ -94,3 +94,22 @@ def interpolate(logits: torch.Tensor, p_knn: torch.Tensor, lam: torch.Tensor | f
     x /= x.sum(axis=1, keepdims=True)
     lam = _numpy(lam, np.float32) if isinstance(lam, torch.Tensor | np.ndarray) else np.float32(lam)
     return torch.from_numpy((1 - lam) * x + lam * _numpy(p_knn, np.float32))
+
+
+@dataclass
+class Voted:
+    scores: torch.Tensor  # (Q, N) float32 ranking scores with the vote
+    lam: torch.Tensor  # (Q, 1) float32 the vote's share; 0 where no neighbour gives a visible item
+    raw: np.ndarray  # (Q, k, m) ``vote_weights``: each neighbour's unnormalised vote per next item
+
+
+def vote(logits: torch.Tensor, D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor, s: VoteSettings, *,
+         seen: np.ndarray | torch.Tensor | None = None) -> Voted:
+    """The neighbour vote for queries with base logits (Q, N), their neighbours' similarities D
+    (Q, >= k) and visible next items (Q, >= k, >= m): the one computation the stage tunes
+    (``training.ra.stage.vote_scores``) and the service serves (``RetrievalBundle.score``)."""
+    D, items = D[:, : s.k], items[:, : s.k, : s.m]
+    raw = vote_weights(D, items, tau=s.tau, decay=s.decay, seen=seen)
+    p = vote_distribution(D, items, logits.shape[1], tau=s.tau, decay=s.decay, raw=raw)
+    lam = confidence_lambda(D, s) * torch.from_numpy(raw.sum(axis=(1, 2)) > 0)[:, None]
+    return Voted(interpolate(logits, p, lam, s.T), lam, raw)
