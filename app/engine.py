@@ -2,7 +2,7 @@
 
 `Engine.recommend_batch` scores many queries with one forward pass; `MicroBatcher` gathers
 concurrent single requests (for at most `wait_ms` or `max_size` requests) into such a batch and
-runs it in a worker thread, so the event loop keeps serving while the model computes.
+runs it on its inference thread, so the event loop keeps serving while the model computes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -355,7 +356,7 @@ class Engine:
 
 
 class MicroBatcher:
-    """Collects concurrent `recommend` calls into one `Engine.recommend_batch` run in a worker thread.
+    """Collects concurrent `recommend` calls into one `Engine.recommend_batch` run on its inference thread.
 
     A batch closes `wait_ms` after its first request arrived or when it holds `max_size` requests;
     with `wait_ms=0` (the service's default) it is whatever queued up while the previous batch ran.
@@ -368,6 +369,9 @@ class MicroBatcher:
             raise ValueError(f"need max_size >= 1 and wait_ms >= 0, got {max_size}, {wait_ms}")
         self.engine = engine
         self.on_batch = on_batch  # called with (requests in the batch, seconds of inference), e.g. for metrics
+        # Every forward pass runs on this one thread (batches run one at a time anyway): ONNX Runtime
+        # keeps per-thread state, and a pool's changing threads cost it more CPU per call.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragrec-inference")
         self.wait_s = wait_ms / 1000
         self.max_size = max_size
         self._queue: asyncio.Queue[tuple[Query, asyncio.Future[Recommendation]]] = asyncio.Queue()
@@ -384,6 +388,12 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        self._executor.shutdown(wait=False)
+
+    async def run(self, queries: list[Query]) -> list[Recommendation]:
+        """``Engine.recommend_batch`` for a batch the caller formed (POST /v1/recommend/batch), on
+        the inference thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.recommend_batch, queries)
 
     async def recommend(self, query: Query) -> Recommendation:
         if self._worker is None:
@@ -417,7 +427,7 @@ class MicroBatcher:
                 continue
             start = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.engine.recommend_batch, [q for q, _ in pending])
+                results = await self.run([q for q, _ in pending])
             except Exception as e:  # handed to every waiting caller
                 for _, fut in pending:
                     if not fut.done():

@@ -83,7 +83,7 @@ async def _app_phases(args: argparse.Namespace, tokens: list[str], rng: np.rando
     async with app.router.lifespan_context(app):
         if app.state.engine.ra is not None and app.state.engine.index_version is None:
             sys.exit("error: no index is served (build one: the first start builds it unless told not to)")
-        out["inference"] = "onnx" if app.state.engine.onnx is not None else "torch"
+        out["inference"] = "onnx" if getattr(app.state.engine, "onnx", None) is not None else "torch"
 
         async def phase(kind: str) -> tuple[float, float]:
             items = _bodies(tokens, args.requests, rng)

@@ -95,9 +95,9 @@ async def recommend(req: RecommendRequest, request: Request, batcher: BatcherDep
 
 @router.post("/batch", response_model=BatchRecommendResponse)
 async def recommend_batch(body: BatchRecommendRequest, engine: EngineDep, store: StoreDep,
-                          settings: SettingsDep) -> Response:
+                          settings: SettingsDep, batcher: BatcherDep) -> Response:
     if len(body.requests) > settings.max_batch:
         raise HTTPException(422, f"a batch holds at most {settings.max_batch} requests, got {len(body.requests)}")
     queries = list(await asyncio.gather(*(_query(r, store) for r in body.requests)))
-    recs = await asyncio.to_thread(engine.recommend_batch, queries)  # one forward pass for the batch
+    recs = await batcher.run(queries)  # one forward pass for the batch, on the inference thread
     return _json({"results": [_payload(r, rec, engine) for r, rec in zip(body.requests, recs, strict=True)]})
