@@ -273,10 +273,11 @@ class MemoryBank:
             excl["ids"] = E.astype(np.int64)
         if exclude_user is not None:
             users = as_int_vector(exclude_user, "exclude_user", nq)
-            pos = (np.full(nq, np.iinfo(np.int64).min) if exclude_from_position is None
+            pos = (None if exclude_from_position is None
                    else as_int_vector(exclude_from_position, "exclude_from_position", nq))
             if (users >= 0).any():  # every query anonymous (-1): no rule to apply, no over-fetch for it
-                excl["user"], excl["from_position"] = users, pos
+                excl["user"] = users
+                excl["from_position"] = np.full(nq, np.iinfo(np.int64).min) if pos is None else pos
         elif exclude_from_position is not None:
             raise InvalidParameter("exclude_from_position needs exclude_user")
         return excl

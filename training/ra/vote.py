@@ -48,14 +48,41 @@ def vote_weights(D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor,
     items = _numpy(items, np.int64)
     Q, K, m = items.shape
     finite = np.isfinite(D)
-    top = np.where(finite, D, -1e9).max(axis=1, keepdims=True) if K else np.zeros((Q, 1))
-    w = np.exp(np.where(finite, D - top, -np.inf) / tau)  # (Q, K) in (0, 1], 0 where missing
+    if finite.all():  # the usual case: every neighbour found
+        w = np.exp((D - D.max(axis=1, keepdims=True)) / tau) if K else D
+    else:
+        top = np.where(finite, D, -1e9).max(axis=1, keepdims=True)
+        w = np.exp(np.where(finite, D - top, -np.inf) / tau)  # (Q, K) in (0, 1], 0 where missing
     raw = w[:, :, None] * (decay ** np.arange(m, dtype=np.float64))
     live = items > 0
     if seen is not None:
         seen = _numpy(seen, np.bool_)
         live &= ~seen[np.arange(Q)[:, None, None], np.maximum(items, 1) - 1]
     return np.where(live, raw, 0.0)
+
+
+def _distribution(items: np.ndarray, raw: np.ndarray, n_items: int) -> np.ndarray:
+    """(Q, N) float32 p_kNN from ``vote_weights``; all zero where nothing votes."""
+    Q = items.shape[0]
+    flat = (items.reshape(Q, -1) + (np.arange(Q, dtype=np.int64) * (n_items + 1))[:, None]).ravel()
+    p = np.bincount(flat, raw.ravel(), minlength=Q * (n_items + 1)).reshape(Q, n_items + 1)[:, 1:]
+    total = p.sum(axis=1, keepdims=True)
+    return (p / np.where(total > 0, total, 1.0)).astype(np.float32)
+
+
+def _lambda(D: np.ndarray, s: VoteSettings) -> np.ndarray:
+    """(Q, 1) float32 λ per query."""
+    if s.beta == 0:
+        return np.full((D.shape[0], 1), s.lam, dtype=np.float32)
+    top = np.where(np.isfinite(D), D, np.float32(-1.0)).max(axis=1, keepdims=True)
+    return (s.lam / (1 + np.exp(-s.beta * (top - s.pivot)))).astype(np.float32)
+
+
+def _mix(logits: np.ndarray, p: np.ndarray, lam: np.ndarray | np.float32, T: float) -> np.ndarray:
+    """(Q, N) float32 (1 - λ)·softmax(logits / T) + λ·p."""
+    x = np.exp((logits - logits.max(axis=1, keepdims=True)) * np.float32(1 / T))
+    x /= x.sum(axis=1, keepdims=True)
+    return (1 - lam) * x + lam * p
 
 
 def vote_distribution(D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor, n_items: int, *,
@@ -70,30 +97,19 @@ def vote_distribution(D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Te
     items = _numpy(items, np.int64)
     if raw is None:
         raw = vote_weights(D, items, tau=tau, decay=decay, seen=seen)
-    Q = items.shape[0]
-    flat = (items.reshape(Q, -1) + (np.arange(Q, dtype=np.int64) * (n_items + 1))[:, None]).ravel()
-    p = np.bincount(flat, raw.ravel(), minlength=Q * (n_items + 1)).reshape(Q, n_items + 1)[:, 1:]
-    total = p.sum(axis=1, keepdims=True)
-    return torch.from_numpy(np.divide(p, total, out=np.zeros_like(p), where=total > 0).astype(np.float32))
+    return torch.from_numpy(_distribution(items, raw, n_items))
 
 
 def confidence_lambda(D: np.ndarray | torch.Tensor, s: VoteSettings) -> torch.Tensor:
     """(Q, 1) float32 λ per query."""
-    D = _numpy(D, np.float32)
-    if s.beta == 0:
-        return torch.full((D.shape[0], 1), s.lam)
-    top = np.where(np.isfinite(D), D, np.float32(-1.0)).max(axis=1, keepdims=True)
-    return torch.from_numpy((s.lam / (1 + np.exp(-s.beta * (top - s.pivot)))).astype(np.float32))
+    return torch.from_numpy(_lambda(_numpy(D, np.float32), s))
 
 
 def interpolate(logits: torch.Tensor, p_knn: torch.Tensor, lam: torch.Tensor | float, T: float) -> torch.Tensor:
     """(Q, N) float32 mixed probabilities (ranking scores). numpy inside: for one request
     torch's per-operation overhead costs more than the arithmetic."""
-    x = _numpy(logits, np.float32)
-    x = np.exp((x - x.max(axis=1, keepdims=True)) * np.float32(1 / T))
-    x /= x.sum(axis=1, keepdims=True)
     lam = _numpy(lam, np.float32) if isinstance(lam, torch.Tensor | np.ndarray) else np.float32(lam)
-    return torch.from_numpy((1 - lam) * x + lam * _numpy(p_knn, np.float32))
+    return torch.from_numpy(_mix(_numpy(logits, np.float32), _numpy(p_knn, np.float32), lam, T))
 
 
 @dataclass
@@ -108,8 +124,9 @@ def vote(logits: torch.Tensor, D: np.ndarray | torch.Tensor, items: np.ndarray |
     """The neighbour vote for queries with base logits (Q, N), their neighbours' similarities D
     (Q, >= k) and visible next items (Q, >= k, >= m): the one computation the stage tunes
     (``training.ra.stage.vote_scores``) and the service serves (``RetrievalBundle.score``)."""
-    D, items = D[:, : s.k], items[:, : s.k, : s.m]
+    D = _numpy(D, np.float32)[:, : s.k]
+    items = _numpy(items, np.int64)[:, : s.k, : s.m]
     raw = vote_weights(D, items, tau=s.tau, decay=s.decay, seen=seen)
-    p = vote_distribution(D, items, logits.shape[1], tau=s.tau, decay=s.decay, raw=raw)
-    lam = confidence_lambda(D, s) * torch.from_numpy(raw.sum(axis=(1, 2)) > 0)[:, None]
-    return Voted(interpolate(logits, p, lam, s.T), lam, raw)
+    lam = _lambda(D, s) * (raw.sum(axis=(1, 2)) > 0)[:, None]  # no visible vote: λ = 0
+    scores = _mix(_numpy(logits, np.float32), _distribution(items, raw, logits.shape[1]), lam, s.T)
+    return Voted(torch.from_numpy(scores), torch.from_numpy(lam), raw)
