@@ -7,6 +7,7 @@ Run it with `serve(run_dir, host, port, workers)` (wired to `ragrec serve`) or w
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -91,6 +92,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.jobs = None
     try:
         app.state.jobs = await open_index(engine, store, settings, metrics)
+        # What start-up allocated (the model, the run's histories, the index) lives as long as the
+        # process: out of the collector's sight, a full collection no longer walks it mid-request.
+        gc.freeze()
         yield
     finally:
         if app.state.jobs is not None:
