@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from retriever.index import set_search_threads
+
 if TYPE_CHECKING:
     from app.index import IndexManager
     from app.onnx_encoder import OnnxEncoder
@@ -364,14 +366,17 @@ class MicroBatcher:
     """
 
     def __init__(self, engine: Engine, *, wait_ms: float = 0.0, max_size: int = 64,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, threads: int = 1) -> None:
         if max_size < 1 or wait_ms < 0:
             raise ValueError(f"need max_size >= 1 and wait_ms >= 0, got {max_size}, {wait_ms}")
         self.engine = engine
         self.on_batch = on_batch  # called with (requests in the batch, seconds of inference), e.g. for metrics
         # Every forward pass runs on this one thread (batches run one at a time anyway): ONNX Runtime
-        # keeps per-thread state, and a pool's changing threads cost it more CPU per call.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragrec-inference")
+        # keeps per-thread state, and a pool's changing threads cost it more CPU per call. OpenMP's
+        # thread count is per thread: faiss's is set on this one, or its searches would use every
+        # core and leave the extra threads spin-waiting (2x the service's CPU per request on 2 cores).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragrec-inference",
+                                            initializer=set_search_threads, initargs=(threads,))
         self.wait_s = wait_ms / 1000
         self.max_size = max_size
         self._queue: asyncio.Queue[tuple[Query, asyncio.Future[Recommendation]]] = asyncio.Queue()

@@ -32,6 +32,7 @@ from app.middleware import (
 from app.routes import evaluate, events, health, index, jobs, recommend, users
 from app.settings import Settings
 from app.store import Store, StoreUnavailable, make_store
+from retriever.index import set_search_threads
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +82,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: ServiceMetrics = app.state.metrics
     torch.set_num_threads(settings.torch_threads)
+    set_search_threads(settings.torch_threads)
     engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device,
                                      histories=settings.training_histories, inference=settings.inference)
     engine.on_stage = metrics.observe_stage
     store = open_store(settings)
     batcher = MicroBatcher(engine, wait_ms=settings.batch_wait_ms, max_size=settings.batch_max_size,
-                           on_batch=metrics.observe_batch)
+                           on_batch=metrics.observe_batch, threads=settings.torch_threads)
     batcher.start()
     app.state.engine, app.state.store, app.state.batcher = engine, store, batcher
     app.state.jobs = None

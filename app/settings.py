@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # intra-op threads for inference. A micro-batch is a few small matrices: a second thread mostly
     # waits on the first and competes with the event loop (2-core bench/serve_load.py: 695 req/s
     # with 1 thread vs 594 with torch's default of one per core). Raise it for large batches.
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1)  # also ONNX Runtime's and faiss's (OpenMP) threads
     # the encoder's forward pass: "torch" (eager), or "onnx": exported at start and run by ONNX Runtime
     # (CPU; pip install 'ragrec[onnx]'; 0.28 vs 0.40 ms of CPU per request at batch 16, docs/serving.md);
     # "auto": onnx where it can run (CPU device, onnxruntime installed), else torch
