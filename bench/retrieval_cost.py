@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.engine import Engine, Query
 from app.index import IndexManager
+from retriever.index import set_search_threads
 
 
 def main() -> None:
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    set_search_threads(args.threads)  # as the service's inference thread has them
     engine = Engine.from_run_dir(args.run, histories=False)
     if engine.ra is None:
         sys.exit(f"error: {args.run} is not a retrieval run (no retrieval.pt)")

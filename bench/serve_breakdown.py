@@ -39,6 +39,7 @@ import app.engine as engine_module
 from app.engine import Engine, Query
 from app.main import create_app
 from app.settings import Settings
+from retriever.index import set_search_threads
 from training.data import Vocabulary
 
 
@@ -117,6 +118,7 @@ def _engine_phases(args: argparse.Namespace, batch: int, rng: np.random.Generato
     from app.index import IndexManager
 
     torch.set_num_threads(1)
+    set_search_threads(1)  # as the service's inference thread has them
     engine = Engine.from_run_dir(args.run, histories=False)
     if engine.ra is not None:
         manager = IndexManager(engine.ra, args.index_dir, model_version=engine.model_version)

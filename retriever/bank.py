@@ -374,14 +374,14 @@ class MemoryBank:
         def gather(name, missing):
             return self._col(name)[r] if every else np.where(found, self._col(name)[r], missing)
 
-        quality = gather("quality", np.float32(np.nan)).astype(np.float32)
+        quality = gather("quality", np.float32(np.nan)).astype(np.float32, copy=False)
         low = np.zeros_like(found) if quality_threshold is None else found & (quality < quality_threshold)
         values = None
         if self.has_values:
             values = self._col("values")[r]
             if not every:
                 values = np.where(found[:, :, None], values, np.float32(0))
-        return SearchResult(D=D.astype(np.float32), I=gather("ids", -1), targets=gather("targets", -1),
+        return SearchResult(D=D.astype(np.float32, copy=False), I=gather("ids", -1), targets=gather("targets", -1),
                             users=gather("users", -1), positions=gather("positions", -1), quality=quality,
                             low_quality=low, values=values, version=self.version)
 

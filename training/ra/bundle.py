@@ -94,9 +94,9 @@ class RetrievalBundle:
 
     # -------------------------------------------------------------- scoring
 
-    @torch.no_grad()
     def score(self, h: torch.Tensor, logits: torch.Tensor, D: np.ndarray, found: np.ndarray,
-              items: np.ndarray, nb_h: np.ndarray | None, seen: torch.Tensor, *, evidence: bool = True) -> Scored:
+              items: np.ndarray, nb_h: np.ndarray | None, seen: np.ndarray | torch.Tensor, *,
+              evidence: bool = True) -> Scored:
         """Scores with retrieval for queries h (Q, D) with base logits (Q, N), neighbours'
         similarities D (Q, K), found (Q, K) bool, their visible next items (Q, K, m), their
         prefix representations (head only) and the queries' seen items (Q, N) bool.
@@ -116,7 +116,13 @@ class RetrievalBundle:
             contrib = voted.lam[:, :, None] * torch.from_numpy(share.astype(np.float32))  # (Q, K, m)
             weights = contrib.sum(dim=2) / voted.lam.clamp(min=1e-30)
             return Scored(voted.scores, weights, voted.lam, contrib)
+        with torch.no_grad():
+            return self._head_score(h, logits, D, found, items, nb_h, seen)
+
+    def _head_score(self, h: torch.Tensor, logits: torch.Tensor, D: np.ndarray, found: np.ndarray,
+                    items: np.ndarray, nb_h: np.ndarray | None, seen: np.ndarray | torch.Tensor) -> Scored:
         assert self.head is not None
+        v = self.vote
         hs = self.settings["head"]
         k = hs["k"]
         mask = torch.from_numpy(found[:, :k])
