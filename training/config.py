@@ -5,12 +5,16 @@ Unknown keys and wrong types are errors (``ConfigError``), never a silent defaul
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from training.model import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -32,17 +36,23 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(50, ge=1)  # longest input prefix
 
 
-class ModelSection(_Strict):
-    dim: int = Field(64, ge=1)
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(2, ge=1)
-    inner: int = Field(256, ge=1)
-    dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    attn_dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    activation: Literal["gelu", "relu"] = "gelu"
-    layer_norm_eps: float = Field(1e-12, gt=0.0)
-    init_std: float = Field(0.02, gt=0.0)
-    position: Literal["absolute", "relative", "both"] = "absolute"  # see training/model.py ModelConfig
+class _ModelSectionBase(_Strict):
+    @model_validator(mode="after")
+    def _builds(self) -> _ModelSectionBase:
+        ModelConfig(n_items=1, max_len=1, **self.model_dump())  # its checks (dim % n_heads, ranges)
+        return self
+
+
+def _section_of(dc: type, skip: tuple[str, ...]) -> type[_Strict]:
+    """A strict pydantic section with the fields (types, defaults) of dataclass ``dc``."""
+    hints = typing.get_type_hints(dc, include_extras=True)  # with the Annotated bounds
+    fields: dict[str, Any] = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(dc) if f.name not in skip}
+    return create_model(f"{dc.__name__}Section", __base__=_ModelSectionBase, **fields)
+
+
+# model: every field of training/model.py's ModelConfig (with its default) except the sizes the
+# data decides (n_items from the vocabulary, max_len = data.max_seq_len)
+ModelSection = _section_of(ModelConfig, skip=("n_items", "max_len"))
 
 
 class LossConfig(_Strict):
@@ -258,6 +268,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    from training.io import atomic_write_text
+    from training.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -26,10 +26,10 @@ from app.deps import get_batcher
 from app.engine import Engine, MicroBatcher, Query
 from app.main import create_app
 from app.settings import Settings
+from training.checkpoints import load_model_file
 from training.config import load_config
-from training.data import Vocabulary, read_interactions
-from training.run import load_model_file
-from training.synthetic import generate_interactions, write_inter
+from training.data.sequences import Vocabulary, read_interactions
+from training.data.synthetic import generate_interactions, write_inter
 from training.trainer import run_training
 
 MAX_LEN = 10  # the tiny model's input length, and so the stored history cap

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from training.synthetic import generate_interactions, write_inter
+from training.data.synthetic import generate_interactions, write_inter
 
 
 def ragrec(*args, cwd=None):

@@ -25,7 +25,7 @@ from retriever import ArtifactStore
 from tests.integration.conftest import RA_MAX_LEN as MAX_LEN
 from tests.integration.test_api import LiveServer, client_for
 from training.config import load_config
-from training.data import Vocabulary, pad_prefixes, read_interactions
+from training.data.sequences import Vocabulary, pad_prefixes, read_interactions
 from training.ra.bundle import load_bundle
 
 ADMIN = {"X-API-Key": "admin-key"}

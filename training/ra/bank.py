@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from retriever import MemoryBank
-from training.data import SequenceData, Split, flatten
-from training.ra_bank import encode_prefixes
+from training.data.sequences import SequenceData, Split, flatten
+from training.ra.encode import encode_prefixes
 
 log = logging.getLogger(__name__)
 

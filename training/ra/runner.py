@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from training.io import atomic_write_json, atomic_write_text
+from training.atomic import atomic_write_json, atomic_write_text
+from training.checkpoints import RunError, atomic_torch_save
 from training.model import model_checksum
 from training.ra import stage as st
 from training.ra.bank import BankRuleError
@@ -31,7 +32,6 @@ from training.ra.bundle import RetrievalBundle
 from training.ra.config import RetrievalConfig
 from training.ra.fit import evaluate, fit_design, flat, flat_unmasked
 from training.ra.keys import fit_keys, neighbour_recall
-from training.run import RunError, atomic_torch_save
 
 log = logging.getLogger(__name__)
 

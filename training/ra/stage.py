@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.checkpoints import RunError, load_model_file
 from training.config import load_config
-from training.data import SequenceData, Split, Vocabulary, leave_one_out, pad_prefixes
+from training.data.sequences import SequenceData, Split, Vocabulary, leave_one_out, pad_prefixes
+from training.data.source import load_run_data
 from training.evaluate import ndcg_at
 from training.ra import bank as bk
+from training.ra.encode import encode_prefixes
 from training.ra.module import LayerAdapters, RetrievalHead, ce_loss, freeze, kl_term
 from training.ra.scoring import seen_mask, target_ranks
 from training.ra.vote import VoteSettings, confidence_lambda, interpolate, vote_distribution
-from training.ra_bank import encode_prefixes
-from training.run import RunError, load_model_file, load_run_data
 
 log = logging.getLogger(__name__)
 

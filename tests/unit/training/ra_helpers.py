@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import RunConfig, load_config
-from training.ra_trainer import RATrainer
-from training.synthetic import generate_interactions, write_inter
+from training.data.synthetic import generate_interactions, write_inter
+from training.ra.finetune.trainer import RATrainer
 from training.trainer import run_training
 
 

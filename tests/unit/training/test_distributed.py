@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from training import distributed
-from training.batches import Batch, iterate_batches, prefix_plan
 from training.config import load_config
-from training.data import leave_one_out, load_dataset
-from training.ra_trainer import run_ra_training
-from training.synthetic import generate_interactions, write_inter
+from training.data.batches import Batch, iterate_batches, prefix_plan
+from training.data.sequences import leave_one_out, load_dataset
+from training.data.synthetic import generate_interactions, write_inter
+from training.ra.finetune.trainer import run_ra_training
 from training.tracking import tensorboard_available
 from training.trainer import run_training
 

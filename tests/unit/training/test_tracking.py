@@ -3,7 +3,7 @@ import json
 import pytest
 
 from training.config import load_config
-from training.synthetic import generate_interactions, write_inter
+from training.data.synthetic import generate_interactions, write_inter
 from training.tracking import ScalarLog, flatten_scalars, tensorboard_available
 from training.trainer import run_training
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from training.checkpoints import RunError
 from training.config import load_config
+from training.data.synthetic import generate_interactions, write_inter
+from training.evaluate import evaluate_run
 from training.model import ModelConfig, SequenceEncoder
-from training.run import RunError, evaluate_run
-from training.synthetic import generate_interactions, write_inter
 from training.trainer import Trainer, run_training
 
 
@@ -135,7 +136,7 @@ def test_seen_in_input_masks_each_examples_own_window_but_never_its_target():
     import numpy as np
     import torch
 
-    from training.batches import Batch
+    from training.data.batches import Batch
     from training.trainer import seen_in_input
 
     windows = np.array([[3, 1, 4, 0], [2, 2, 5, 6]])
@@ -151,7 +152,7 @@ def test_seen_in_input_masks_each_examples_own_window_but_never_its_target():
 
 def test_mask_seen_trains(tmp_path):
     from training.config import load_config
-    from training.synthetic import generate_interactions, write_inter
+    from training.data.synthetic import generate_interactions, write_inter
     from training.trainer import run_training
 
     data = tmp_path / "s.inter"

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from training.config import load_config
+from training.data.synthetic import generate_trails, write_inter
 from training.evaluate import ndcg_at
 from training.ra import stage as st
 from training.ra.scoring import target_ranks
 from training.ra.vote import VoteSettings
-from training.synthetic import generate_trails, write_inter
 from training.trainer import run_training
 
 

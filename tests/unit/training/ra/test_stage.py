@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
+from training.checkpoints import RunError, load_model_file, save_model_file
 from training.config import ConfigError
 from training.ra.bundle import load_bundle
 from training.ra.config import load_retrieval_config
 from training.ra.runner import run_retrieval_stage
-from training.run import RunError, load_model_file, save_model_file
 
 
 def _cfg(base, **section):
