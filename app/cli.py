@@ -27,7 +27,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from training.checkpoints import RunError
     from training.config import ConfigError
     from training.data.sequences import DataError
-    from training.reports.run_report import ReportDependencyError, ReportError
+    from training.reports.plotting import ReportDependencyError, ReportError
 
     return (ConfigError, DataError, RunError, ReportError, ReportDependencyError, FileNotFoundError, PermissionError)
 

@@ -3,7 +3,9 @@
 Every stage and the service read a finished run through here:
 - ``model.pt``: the encoder's weights (CPU tensors), its ``ModelConfig`` and a checksum, in
   format ``ragrec.model.v1``; ``torch.load(weights_only=True)`` reads it.
-- a finished run holds ``config.yaml``, ``model.pt`` and ``items.json`` (``FINISHED_RUN_FILES``).
+- a run is finished when it holds ``config.yaml``, ``model.pt``, ``items.json`` and
+  ``metrics.json`` (``FINISHED_RUN_FILES``): a trainer writes ``model.pt`` at its first best
+  epoch and ``metrics.json`` last, once the run is done.
 
 Each trainer's own resume checkpoint (``last.pt``) lives with its trainer.
 """
@@ -20,11 +22,15 @@ from training.atomic import atomic_write
 from training.model import ModelConfig, SequenceEncoder, model_checksum
 
 MODEL_FORMAT = "ragrec.model.v1"
-FINISHED_RUN_FILES = ("config.yaml", "model.pt", "items.json")
+FINISHED_RUN_FILES = ("config.yaml", "model.pt", "items.json", "metrics.json")
 
 
 class RunError(ValueError):
     """A run that cannot start or continue; the message says what to do."""
+
+
+def is_finished_run(run_dir: str | Path) -> bool:
+    return all((Path(run_dir) / name).is_file() for name in FINISHED_RUN_FILES)
 
 
 def require_finished_run(run_dir: str | Path, *, what: str = "") -> Path:

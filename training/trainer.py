@@ -132,7 +132,6 @@ class Trainer:
         self.ddp = distributed.data_parallel(self.model, self.device)
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.forward = torch.compile(self.ddp, dynamic=True) if cfg.train.compile else self.ddp
         self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema else None
         if self.resume:
             self._load_checkpoint(self.out / "last.pt")
@@ -156,9 +155,6 @@ class Trainer:
             cl = np.arange(len(rows))
         else:
             cl = np.flatnonzero(np.r_[rows[1:] != rows[:-1], True])  # rows are grouped per window
-        limit = self.cfg.loss.cl_batch
-        if self.cfg.loss.contrastive != "none" and limit is not None and len(cl) > limit:
-            cl = np.sort(self.rng.choice(cl, size=limit, replace=False))
         return cl
 
     def _views(self, batch: Batch, cl: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -225,7 +221,7 @@ class Trainer:
             n, m = len(batch.rows), len(cl)
             targets = targets_all[torch.from_numpy(batch.sample_index).to(self.device)]
             with autocast(self.device, cfg.train.precision):
-                out = self.forward(seq, rows, cols)  # (n + views * m, D)
+                out = self.ddp(seq, rows, cols)  # (n + views * m, D)
                 h = out[:n]
                 logits = self.model.scores(h)
             if cfg.loss.mask_seen:
@@ -296,7 +292,7 @@ class Trainer:
         """Plateau schedule (``train.lr_patience``): the rate lives in the optimizer's state, so
         ``--resume`` continues with the decayed rate."""
         every = self.cfg.train.lr_patience
-        if every is None or self.bad_epochs % every >= self.cfg.train.eval_every:
+        if every is None or self.bad_epochs % every:
             return
         for group in self.optimizer.param_groups:
             group["lr"] *= self.cfg.train.lr_decay
@@ -315,7 +311,7 @@ class Trainer:
             self.train_seconds += stats["seconds"]
             record: dict[str, Any] = {"epoch": epoch, "train": stats, "train_seconds_total": self.train_seconds}
             stop = False
-            if self.world.is_main and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
+            if self.world.is_main:
                 with self._averaged():
                     valid = self.evaluate("valid").metrics
                     record["valid"] = valid
@@ -326,7 +322,7 @@ class Trainer:
                 if improved:
                     self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
                 else:
-                    self.bad_epochs += cfg.train.eval_every
+                    self.bad_epochs += 1
                     self._maybe_decay_lr()
                 stop = self.bad_epochs >= cfg.train.patience
                 log.info("epoch %d  loss %.4f  %.1fs  valid NDCG@10 %.4f HR@10 %.4f  (best %.4f @ %d)",
@@ -433,8 +429,8 @@ class Trainer:
         log.info("resumed from %s after epoch %d", path, self.epochs_done)
 
     def cleanup(self) -> None:
-        """Drop the (possibly compiled) forward wrapper and the optimizer state; the files stay."""
-        self.forward = self.ddp = self.model
+        """Drop the forward wrapper and the optimizer state; the files stay."""
+        self.ddp = self.model
         self.optimizer.state.clear()
         self.scalars.close()
 

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from training.atomic import atomic_write_json, atomic_write_text
-from training.checkpoints import RunError, atomic_torch_save
+from training.checkpoints import RunError, atomic_torch_save, require_finished_run
 from training.model import model_checksum
 from training.ra import stage as st
 from training.ra.bank import BankRuleError
@@ -43,8 +43,7 @@ def run_retrieval_stage(cfg: RetrievalConfig, out: str | Path) -> dict[str, Any]
     out = Path(out)
     base = Path(sec.base)
     start = time.perf_counter()
-    if not (base / "metrics.json").is_file():
-        raise RunError(f"retrieval.base: {base} is not a finished base run (no metrics.json); train it first")
+    require_finished_run(base, what="retrieval.base")
     if out.resolve() == base.resolve():
         raise RunError("--out must differ from retrieval.base: the base run stays untouched")
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoints import RunError, load_model_file
+from training.checkpoints import RunError, load_model_file, require_finished_run
 from training.config import load_config
 from training.data.sequences import SequenceData, Split, Vocabulary, leave_one_out, pad_prefixes
 from training.data.source import load_run_data
@@ -82,10 +82,7 @@ class Prepared:
 
 def load_base(run_dir: str | Path):
     """The base run's frozen encoder, config, data and split; refuses an unfinished run."""
-    run = Path(run_dir)
-    for name in ("config.yaml", "model.pt", "items.json"):
-        if not (run / name).is_file():
-            raise RunError(f"{run} is not a finished base run: {name} is missing")
+    run = require_finished_run(run_dir, what="base run")
     cfg = load_config(run / "config.yaml")
     if cfg.ra.enabled:
         raise RunError(f"{run} is a retrieval-stage run; the base must be a DuoRec run")

@@ -35,10 +35,13 @@ import numpy as np
 import yaml
 
 from training.atomic import atomic_write_json, atomic_write_text
+from training.checkpoints import RunError, is_finished_run
 from training.config import ConfigError, RunConfig, load_config
 from training.evaluate import ndcg_at, paired_bootstrap
 from training.ra.finetune.fusion import FUSIONS
 from training.ra.finetune.losses import KL_DIRECTIONS
+from training.ra.finetune.pretrained import stage_config
+from training.ra.finetune.trainer import run_ra_training
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ ALIASES = {
     "fusion": "ra.fusion",
     "kl": "ra.kl_direction",
     "kl_direction": "ra.kl_direction",
-    "retrieval": "ra.retrieval",
+    "attention": "ra.attention",
     "values": "ra.values",
     "k": "ra.k",
     "alpha_max": "ra.alpha_max",
@@ -59,7 +62,7 @@ DEFAULT_GRID: dict[str, list[str]] = {
     "anneal": ["on", "off"],
 }
 # used when a switch is "on" but the base config has no schedule of its own
-DEFAULT_UNFREEZE = "[{until_epoch: 1, train: [retriever, retrieval, fusion]}, {until_epoch: 1000, train: [''], lr_mult: 0.5}]"
+DEFAULT_UNFREEZE = "[{until_epoch: 1, train: [query_encoder, attention, fusion]}, {until_epoch: 1000, train: [''], lr_mult: 0.5}]"
 DEFAULT_DECAY = 0.9
 SELECTION = "valid NDCG@10 with retrieval, mean over seeds"
 METRICS = ("NDCG@10", "HR@10")
@@ -138,10 +141,6 @@ def make_cells(grid: dict[str, list[str]], base: RunConfig) -> list[Cell]:
 # ------------------------------------------------------------------ running
 
 
-def _run_is_finished(run: Path) -> bool:
-    return (run / "metrics.json").is_file() and (run / "ranks.npz").is_file()
-
-
 def run_ablation(
     config: str | Path,
     grid_specs: list[str],
@@ -153,8 +152,6 @@ def run_ablation(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the ablation in ``out``; returns the summary written to ablation.json."""
-    from training.ra.finetune.trainer import run_ra_training
-
     if seeds < 1:
         raise AblationError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
@@ -168,11 +165,10 @@ def run_ablation(
     for cell in cells:
         for s in seed_list:
             try:
-                configs[cell.name, s] = load_config(config, [*overrides, *cell.overrides, f"train.seed={s}"])
-            except ConfigError as exc:
+                configs[cell.name, s] = stage_config(load_config(config, [*overrides, *cell.overrides,
+                                                                          f"train.seed={s}"]))
+            except (ConfigError, RunError) as exc:
                 raise AblationError(f"cell {cell.name}: {exc}") from None
-    if not Path(str(base.ra.pretrained)).exists():
-        raise AblationError(f"ra.pretrained: {base.ra.pretrained} does not exist (one DuoRec run serves every cell)")
     out.mkdir(parents=True, exist_ok=True)
     plan = {"config": str(config), "overrides": overrides, "grid": grid, "seeds": seed_list,
             "cells": [c.__dict__ for c in cells]}
@@ -190,7 +186,7 @@ def run_ablation(
             run = out / cell.name / f"seed-{s}"
             done += 1
             cfg = configs[cell.name, s]
-            if _run_is_finished(run):
+            if is_finished_run(run):
                 if yaml.safe_load((run / "config.yaml").read_text()) != cfg.model_dump():
                     raise AblationError(f"{run} holds a finished run of another config; move it away or "
                                         "choose another --out")
@@ -234,7 +230,7 @@ def _epoch_seconds(run: Path) -> tuple[float, float, float]:
 
 def summarise_cell(out: Path, cell: Cell, seeds: list[int], boot_seed: int = 0) -> dict[str, Any] | None:
     runs = [out / cell.name / f"seed-{s}" for s in seeds]
-    runs = [r for r in runs if _run_is_finished(r)]
+    runs = [r for r in runs if is_finished_run(r)]
     if not runs:
         return None
     finals = [json.loads((r / "metrics.json").read_text()) for r in runs]
@@ -284,9 +280,6 @@ def write_summary(out: Path, cells: list[Cell], seeds: list[int], base: RunConfi
         "failures": failures, "wall_seconds": wall_seconds,
         "run_seconds": float(sum(r["run_seconds"] for r in rows)), "cells": rows,
         "best": rows[0]["name"] if rows else None,
-        # the generic {metric, results: {name: {mean, std}}} form that `ragrec report` also reads
-        "metric": "test NDCG@10 with retrieval",
-        "results": {r["name"]: {k: r["test"]["with_retrieval"]["NDCG@10"][k] for k in ("mean", "std")} for r in rows},
     }
     if rows:
         best = rows[0]

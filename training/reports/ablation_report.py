@@ -13,20 +13,9 @@ from typing import Any
 
 from training.atomic import atomic_output, atomic_write_text
 from training.reports.ablation import render_markdown
-from training.reports.run_report import ReportDependencyError, ReportError, ReportFileNotFoundError
+from training.reports.plotting import ReportError, ReportFileNotFoundError, pyplot
 
 PLOT_FILE = "ablation_ndcg10.png"
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, never a window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ReportDependencyError("plots need matplotlib: pip install 'ragrec[report]'") from None
-    return plt
 
 
 def load_ablation(path: Path) -> dict[str, Any]:
@@ -48,7 +37,7 @@ def plot_ablation_bars(summary: dict[str, Any], path: Path) -> Path:
     """Per cell (sorted as in ablation.json, by validation): grouped bars with / without
     retrieval, error bars = std over seeds, one panel per split, the DuoRec checkpoint dashed;
     a third panel with the test Δ (with − without) and its paired-bootstrap 95% interval."""
-    plt = _pyplot()
+    plt = pyplot()
     cells = summary["cells"]
     names = [c["name"].replace("__", "\n") for c in cells]
     xs = list(range(len(cells)))
@@ -95,7 +84,7 @@ def write_ablation_report(ablation_dir: str | Path, out_dir: str | Path | None =
     """Write the bar chart and ``report.md`` into ``out_dir`` (default ``<dir>/report``)."""
     ablation_dir = Path(ablation_dir)
     summary = load_ablation(ablation_dir)
-    _pyplot()  # fail on the missing extra before writing anything
+    pyplot()  # fail on the missing extra before writing anything
     out = Path(out_dir) if out_dir is not None else ablation_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     png = plot_ablation_bars(summary, out / PLOT_FILE)

@@ -22,16 +22,16 @@ def neighbour_stats(res: SearchResult, targets: np.ndarray, used: np.ndarray) ->
     the neighbours retrieval attention used. NaN for a statistic with nothing to average.
 
     neighbour_sim: mean cosine of the found neighbours; neighbour_hit: fraction of found
-    neighbours whose target is the query's true next item; masked_by_quality: fraction of
-    found neighbours the quality threshold masked out."""
+    neighbours whose target is the query's true next item; masked_by_usefulness: fraction of
+    found neighbours the usefulness threshold masked out."""
     found = res.found
     n = int(found.sum())
     if n == 0:
-        return {"neighbour_sim": math.nan, "neighbour_hit": math.nan, "masked_by_quality": math.nan}
+        return {"neighbour_sim": math.nan, "neighbour_hit": math.nan, "masked_by_usefulness": math.nan}
     return {
         "neighbour_sim": float(res.D[found].mean()),
         "neighbour_hit": float((res.targets == np.asarray(targets)[:, None])[found].mean()),
-        "masked_by_quality": float((found & ~used).sum() / n),
+        "masked_by_usefulness": float((found & ~used).sum() / n),
     }
 
 

@@ -20,54 +20,54 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BankEntries:
-    """Per training example: is it in the bank, and its usefulness (the bank's quality payload).
+    """Per training example: is it in the bank, and its usefulness (the bank's ``quality`` payload in ``MemoryBank``).
 
-    Entries start at quality 1.0 (neutral: ``MemoryBank``'s default, and a fair share under
+    Entries start at usefulness 1.0 (neutral: ``MemoryBank``'s default, and a fair share under
     ``entry_usefulness``). An evicted entry never returns. Positions below ``min_prefix``
     never enter: their prefix is too short to say much about the next item.
     """
 
     alive: np.ndarray  # (M,) bool
-    quality: np.ndarray  # (M,) float32
+    usefulness: np.ndarray  # (M,) float32
     evicted: int = 0  # total so far
 
     @classmethod
     def for_examples(cls, positions: np.ndarray, min_prefix: int = 1) -> BankEntries:
         positions = np.asarray(positions)
-        return cls(alive=positions >= min_prefix, quality=np.ones(len(positions), dtype=np.float32))
+        return cls(alive=positions >= min_prefix, usefulness=np.ones(len(positions), dtype=np.float32))
 
     @property
     def ids(self) -> np.ndarray:
         """(m,) int64 indices of the examples the bank holds now."""
         return np.flatnonzero(self.alive)
 
-    def absorb(self, examples: np.ndarray, quality: np.ndarray) -> None:
-        """Take the bank's current quality back: examples (n,) int64 (-1 = not a training
-        example, skipped), quality (n,) float32 in the same order."""
+    def absorb(self, examples: np.ndarray, usefulness: np.ndarray) -> None:
+        """Take the bank's current usefulness back: examples (n,) int64 (-1 = not a training
+        example, skipped), usefulness (n,) float32 in the same order."""
         own = examples >= 0
-        self.quality[examples[own]] = quality[own]
+        self.usefulness[examples[own]] = usefulness[own]
 
     def evict(self, floor: float, keep_at_least: int) -> int:
-        """Drop live entries whose quality is below ``floor``, the worst first, leaving at
+        """Drop live entries whose usefulness is below ``floor``, the worst first, leaving at
         least ``keep_at_least`` entries. Returns how many were dropped now."""
         alive = self.ids
-        bad = alive[self.quality[alive] < floor]
+        bad = alive[self.usefulness[alive] < floor]
         room = max(len(alive) - keep_at_least, 0)
         if len(bad) > room:
             log.warning("%d bank entries are under the usefulness floor %.3g; evicting only the worst %d "
                         "so that %d remain", len(bad), floor, room, keep_at_least)
-            bad = bad[np.argsort(self.quality[bad], kind="stable")[:room]]
+            bad = bad[np.argsort(self.usefulness[bad], kind="stable")[:room]]
         self.alive[bad] = False
         self.evicted += len(bad)
         return len(bad)
 
     def state(self) -> dict[str, object]:
-        return {"alive": torch.from_numpy(self.alive.copy()), "quality": torch.from_numpy(self.quality.copy()),
+        return {"alive": torch.from_numpy(self.alive.copy()), "usefulness": torch.from_numpy(self.usefulness.copy()),
                 "evicted": self.evicted}
 
     @classmethod
     def from_state(cls, state: dict) -> BankEntries:
-        return cls(alive=state["alive"].numpy().astype(bool), quality=state["quality"].numpy().astype(np.float32),
+        return cls(alive=state["alive"].numpy().astype(bool), usefulness=state["usefulness"].numpy().astype(np.float32),
                    evicted=int(state["evicted"]))
 
 
@@ -79,8 +79,8 @@ def entry_usefulness(usefulness_log: torch.Tensor, mask: torch.Tensor) -> torch.
     return (usefulness_log.exp() * n_used).masked_fill(~mask, 0.0)
 
 
-def retrieval_quality(weights: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) attention-weighted mean of per-neighbour values (similarity or bank quality) over
+def gate_score(weights: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) attention-weighted mean of per-neighbour values (similarity or entry usefulness) over
     the used neighbours; -inf for a query with none (the loss gate then drops it)."""
     q = (weights * values.masked_fill(~mask, 0.0)).sum(dim=1)
     return q.masked_fill(~mask.any(dim=1), float("-inf"))

@@ -27,16 +27,16 @@ class Neighbours:
     target_emb: torch.Tensor  # (B, K, D) embedding of each neighbour's target item
     seq_repr: torch.Tensor | None = None  # (B, K, D) neighbour's prefix representation, if banked
     keys: torch.Tensor | None = None  # (B, K, Dk) neighbour keys, for cross-attention
-    quality: torch.Tensor | None = None  # (B, K) payload quality score
+    usefulness: torch.Tensor | None = None  # (B, K) each neighbour's entry usefulness
     valid: torch.Tensor | None = None  # (B, K) bool; False for padding (search returned < K hits)
 
-    def mask(self, quality_threshold: float | None) -> torch.Tensor:
+    def mask(self, usefulness_threshold: float | None) -> torch.Tensor:
         """(B, K) bool: neighbours that take part (valid and, if a threshold is set, good enough)."""
         mask = torch.ones_like(self.sim, dtype=torch.bool) if self.valid is None else self.valid.bool()
-        if quality_threshold is not None:
-            if self.quality is None:
-                raise ValueError("quality_threshold is set but the neighbours carry no quality scores")
-            mask = mask & (self.quality >= quality_threshold)
+        if usefulness_threshold is not None:
+            if self.usefulness is None:
+                raise ValueError("usefulness_threshold is set but the neighbours carry no usefulness")
+            mask = mask & (self.usefulness >= usefulness_threshold)
         return mask
 
 
@@ -58,7 +58,7 @@ class Retrieved:
     r: torch.Tensor  # (B, D) knowledge vector; zeros where has_neighbours is False
     log_weights: torch.Tensor  # (B, K) log attention weights; -inf on masked neighbours
     mask: torch.Tensor  # (B, K) bool, neighbours used
-    sim: torch.Tensor  # (B, K) similarities (for adaptive alpha and quality gating)
+    sim: torch.Tensor  # (B, K) similarities (for adaptive alpha and the loss gate)
     temperature: torch.Tensor  # (B,) temperature each example's attention used
 
     @property
@@ -103,7 +103,7 @@ def _weighted_sum(weights: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
 VALUE_SOURCES = ("target", "sequence", "both")
 
 
-class RetrievalAttention(nn.Module):
+class SimilarityAttention(nn.Module):
     """Weights softmax(sim / τ) over the K neighbours; r = weighted sum of their values.
 
     values: "target" (neighbours' target embeddings), "sequence" (their prefix
@@ -114,10 +114,10 @@ class RetrievalAttention(nn.Module):
 
     def __init__(
         self,
-        dim: int | None = None,  # unused; every retrieval module takes it so build_retrieval is uniform
+        dim: int | None = None,  # unused; every retrieval module takes it so build_attention is uniform
         temperature: float = 0.1,
         values: str = "target",
-        quality_threshold: float | None = None,
+        usefulness_threshold: float | None = None,
         entropy_gain: float = 0.0,
     ) -> None:
         super().__init__()
@@ -127,12 +127,12 @@ class RetrievalAttention(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.values = values
-        self.quality_threshold = quality_threshold
+        self.usefulness_threshold = usefulness_threshold
         self.entropy_gain = entropy_gain
 
     def forward(self, h: torch.Tensor, nb: Neighbours) -> Retrieved:
         del h  # the query already spoke through the similarities
-        mask = nb.mask(self.quality_threshold)
+        mask = nb.mask(self.usefulness_threshold)
         if self.entropy_gain > 0:
             temp = entropy_temperature(nb.sim, mask, self.temperature, self.entropy_gain)  # (B,)
         else:
@@ -150,7 +150,7 @@ class RetrievalAttention(nn.Module):
         return Retrieved(r=r, log_weights=log_w, mask=mask, sim=nb.sim, temperature=temp)
 
 
-class CrossAttentionRetrieval(nn.Module):
+class CrossAttention(nn.Module):
     """Learned cross-attention: query = W_q h, keys = W_k (neighbour keys), values = targets.
 
     Single head, scaled dot product divided by ``temperature``; masked neighbours get no
@@ -162,13 +162,13 @@ class CrossAttentionRetrieval(nn.Module):
         dim: int,
         key_dim: int | None = None,
         temperature: float = 1.0,
-        quality_threshold: float | None = None,
+        usefulness_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(key_dim or dim, dim)
         self.temperature = temperature
-        self.quality_threshold = quality_threshold
+        self.usefulness_threshold = usefulness_threshold
         for lin in (self.query, self.key):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
@@ -176,7 +176,7 @@ class CrossAttentionRetrieval(nn.Module):
     def forward(self, h: torch.Tensor, nb: Neighbours) -> Retrieved:
         if nb.keys is None:
             raise ValueError("cross-attention retrieval needs neighbour keys (Neighbours.keys)")
-        mask = nb.mask(self.quality_threshold)
+        mask = nb.mask(self.usefulness_threshold)
         q = self.query(h)  # (B, D)
         k = self.key(nb.keys)  # (B, K, D)
         logits = torch.einsum("bd,bkd->bk", q, k) / (math.sqrt(q.shape[-1]) * self.temperature)
@@ -339,9 +339,9 @@ FUSIONS: dict[str, type[nn.Module]] = {
     "entropy": EntropyFusion,
 }
 
-RETRIEVALS: dict[str, type[nn.Module]] = {
-    "similarity": RetrievalAttention,
-    "cross_attention": CrossAttentionRetrieval,
+ATTENTIONS: dict[str, type[nn.Module]] = {
+    "similarity": SimilarityAttention,
+    "cross_attention": CrossAttention,
 }
 
 
@@ -351,7 +351,7 @@ def build_fusion(name: str, dim: int, **kwargs: object) -> nn.Module:
     return FUSIONS[name](dim=dim, **kwargs)
 
 
-def build_retrieval(name: str, dim: int, **kwargs: object) -> nn.Module:
-    if name not in RETRIEVALS:
-        raise ValueError(f"retrieval must be one of {sorted(RETRIEVALS)}, got {name!r}")
-    return RETRIEVALS[name](dim=dim, **kwargs)
+def build_attention(name: str, dim: int, **kwargs: object) -> nn.Module:
+    if name not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTIONS)}, got {name!r}")
+    return ATTENTIONS[name](dim=dim, **kwargs)

@@ -138,24 +138,24 @@ def ra_loss(
     enhanced_weight: float,
     kl_weight: float,
     direction: str = "forward",
-    quality: torch.Tensor | None = None,
-    quality_threshold: float | None = None,
+    gate_score: torch.Tensor | None = None,
+    gate_threshold: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted terms of the RA objective; the total is their sum.
 
     "ce": CE on the base scores; "ce_fused": enhanced_weight · CE on the fused scores;
-    "kl": kl_weight · retrieval KL. targets: (B,) item ids >= 1. With quality (B,) and a
-    threshold (the quality-gated variant), examples with quality < threshold contribute 0 to
+    "kl": kl_weight · retrieval KL. targets: (B,) item ids >= 1. With gate_score (B,) and a
+    threshold (the gate_score-gated variant), examples with gate_score < threshold contribute 0 to
     "ce_fused" and "kl"; "ce_fused" stays averaged over the whole batch, so its scale shows
     how much of the batch retrieval served.
     """
     labels = targets - 1
     out = {"ce": F.cross_entropy(scores_h, labels)}
     ce_fused = F.cross_entropy(scores_fused, labels, reduction="none")  # (B,)
-    if quality_threshold is not None:
-        if quality is None:
-            raise ValueError("quality_threshold is set but no quality was given")
-        keep = quality >= quality_threshold  # (B,)
+    if gate_threshold is not None:
+        if gate_score is None:
+            raise ValueError("gate_threshold is set but no gate_score was given")
+        keep = gate_score >= gate_threshold  # (B,)
         ce_fused = ce_fused * keep
         mask = mask & keep[:, None]
     out["ce_fused"] = enhanced_weight * ce_fused.mean()

@@ -1,11 +1,11 @@
-"""The retrieval-augmented (RA) model: a pretrained ``SequenceEncoder`` plus a retriever
-encoder, retrieval attention over memory-bank neighbours and a fusion of ``h`` with them.
+"""The retrieval-augmented (RA) model: a pretrained ``SequenceEncoder`` plus a query
+encoder, attention over memory-bank neighbours and a fusion of ``h`` with the knowledge vector.
 
-Read top to bottom: retriever encoder, the bank as the model sees it, the model, and
+Read top to bottom: query encoder, the model, and
 ``search_neighbours`` (bank search -> ``Neighbours`` tensors).
 
 Shapes: B queries, K neighbours, D hidden size, N items. Submodule names (``encoder``,
-``retriever``, ``fusion``) are the names progressive-unfreezing phases use.
+``query_encoder``, ``attention``, ``fusion``) are the names progressive-unfreezing phases use.
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retriever import MemoryBank, SearchResult
+from training.config import RAConfig
 from training.model import SequenceEncoder
-from training.ra.finetune.fusion import FusionOutput, Neighbours, Retrieved, build_fusion, build_retrieval
+from training.ra.finetune.fusion import FusionOutput, Neighbours, Retrieved, build_attention, build_fusion
 
 
-class RetrieverEncoder(nn.Module):
+class QueryEncoder(nn.Module):
     """Query/key vectors q = normalize(h - c + W₂ gelu(W₁ h)), unit length: (B, D) -> (B, D).
 
     c (``center``, a buffer) is the mean h of the bank's examples, set at each rebuild: the
@@ -49,26 +48,6 @@ class RetrieverEncoder(nn.Module):
 
 
 @dataclass
-class Bank:
-    """A memory bank plus the tensors the model reads by entry id.
-
-    Entry ids are row numbers (the bank is built in one go, never edited), so
-    ``keys[I]`` looks up the keys of search results. Keys and values are snapshots
-    taken when the bank was built: they go stale between rebuilds by design.
-    """
-
-    index: MemoryBank
-    keys: torch.Tensor  # (M, D) unit keys, no gradient
-    values: torch.Tensor | None  # (M, D) prefix representations h, when values need them
-    users: np.ndarray  # (M,) int64 payload, kept for leakage checks
-    positions: np.ndarray  # (M,) int64
-    examples: np.ndarray | None = None  # (M,) int64 training-example index of each entry (-1: none)
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-
-@dataclass
 class RAOutput:
     scores_h: torch.Tensor  # (B, N) base scores from h
     scores_fused: torch.Tensor  # (B, N) scores after fusion with the retrieved knowledge
@@ -77,52 +56,39 @@ class RAOutput:
 
 
 class RAModel(nn.Module):
-    """encoder -> h; retriever(h) -> query; neighbours -> r; fusion(h, r) -> scores."""
+    """encoder -> h; query_encoder(h) -> query; neighbours -> r; fusion(h, r) -> scores."""
 
-    def __init__(
-        self,
-        encoder: SequenceEncoder,
-        *,
-        fusion: str,
-        values: str = "target",
-        temperature: float = 0.1,
-        alpha_max: float = 0.5,
-        quality_threshold: float | None = None,
-        match_norm: bool = True,
-        retrieval: str = "similarity",
-        entropy_gain: float = 0.0,
-        fusion_temperature: float | None = None,
-    ) -> None:
+    def __init__(self, encoder: SequenceEncoder, ra: RAConfig) -> None:
+        """The model the ``ra`` config section describes, around ``encoder`` (its defaults live
+        in ``RAConfig`` only)."""
         super().__init__()
         dim = encoder.cfg.dim
-        self.match_norm = match_norm
+        self.match_norm = ra.match_norm
         self.encoder = encoder
-        self.retriever = RetrieverEncoder(dim)
-        if retrieval == "similarity":
-            self.retrieval = build_retrieval(retrieval, dim, temperature=temperature, values=values,
-                                             quality_threshold=quality_threshold, entropy_gain=entropy_gain)
+        self.query_encoder = QueryEncoder(dim)
+        if ra.attention == "similarity":
+            self.attention = build_attention(ra.attention, dim, temperature=ra.temperature_t0, values=ra.values,
+                                             usefulness_threshold=ra.usefulness_threshold,
+                                             entropy_gain=ra.entropy_gain)
         else:  # cross-attention: its values are the neighbours' targets, its scores learned
-            if values != "target" or entropy_gain:
-                raise ValueError(f"retrieval={retrieval!r} needs values='target' and entropy_gain=0, "
-                                 f"got {values!r}, {entropy_gain}")
-            self.retrieval = build_retrieval(retrieval, dim, temperature=temperature,
-                                             quality_threshold=quality_threshold)
-        extra = {} if fusion_temperature is None or fusion == "fixed" else {"temperature": fusion_temperature}
-        self.fusion = build_fusion(fusion, dim, alpha_max=alpha_max, **extra)
+            self.attention = build_attention(ra.attention, dim, temperature=ra.temperature_t0,
+                                             usefulness_threshold=ra.usefulness_threshold)
+        extra = {} if ra.fusion_temperature is None or ra.fusion == "fixed" else {"temperature": ra.fusion_temperature}
+        self.fusion = build_fusion(ra.fusion, dim, alpha_max=ra.alpha_max, **extra)
 
     @property
     def temperature(self) -> float:
-        return self.retrieval.temperature
+        return self.attention.temperature
 
     def set_schedule(self, *, temperature: float, alpha_max: float) -> None:
         """Per-epoch schedule values: retrieval softmax temperature and the fusion's alpha cap."""
-        self.retrieval.temperature = temperature
+        self.attention.temperature = temperature
         self.fusion.alpha_max = alpha_max
 
     def fuse(self, h: torch.Tensor, nb: Neighbours) -> RAOutput:
         """h: (B, D) encoder representations; nb: their neighbours."""
         scores_h = self.encoder.scores(h)
-        ret = self.retrieval(h, nb)
+        ret = self.attention(h, nb)
         r = ret.r
         norm_ratio = (h.norm(dim=1) / r.norm(dim=1).clamp(min=1e-12)).detach()  # (B,) before any rescaling
         if self.match_norm:
@@ -141,46 +107,6 @@ class RAModel(nn.Module):
         return RAOutput(scores_h, scores_fused, ret, out)
 
 
-def build_ra_model(encoder: SequenceEncoder, ra: dict) -> RAModel:
-    """The RA model an ``ra`` config section describes (``RAConfig.model_dump()``, as saved in
-    ``ra.pt``), around ``encoder``; keys missing from an older file take their defaults."""
-    return RAModel(encoder, fusion=ra["fusion"], values=ra.get("values", "target"),
-                   temperature=ra.get("temperature_t0", 0.1), alpha_max=ra.get("alpha_max", 0.5),
-                   quality_threshold=ra.get("quality_threshold"), match_norm=ra.get("match_norm", True),
-                   retrieval=ra.get("retrieval", "similarity"), entropy_gain=ra.get("entropy_gain", 0.0),
-                   fusion_temperature=ra.get("fusion_temperature"))
-
-
-def search_neighbours(
-    model: RAModel,
-    bank: Bank,
-    h: torch.Tensor,
-    k: int,
-    *,
-    exclude_user: np.ndarray | None = None,
-    exclude_from_position: np.ndarray | None = None,
-) -> tuple[Neighbours, SearchResult]:
-    """Search the bank with the retriever's queries for h (B, D) and gather the neighbours.
-
-    The search itself is numpy (no gradient); the similarities are recomputed here as
-    q · key so the retriever learns through the attention weights (keys stay fixed).
-    exclude_user / exclude_from_position: (B,) int64, passed to ``MemoryBank.search``.
-    """
-    q = model.retriever(h)  # (B, D) unit
-    res = bank.index.search(q.detach().float().cpu().numpy(), min(k, len(bank)), exclude_user=exclude_user,
-                            exclude_from_position=exclude_from_position)
-    dev = h.device
-    found = torch.from_numpy(res.found).to(dev)  # (B, K)
-    ids = torch.from_numpy(np.maximum(res.I, 0)).to(dev)
-    sim = torch.einsum("bd,bkd->bk", q.float(), bank.keys[ids])  # (B, K)
-    targets = torch.from_numpy(res.targets).to(dev)
-    quality = torch.from_numpy(np.nan_to_num(res.quality, nan=-np.inf)).to(dev)
-    nb = Neighbours(
-        sim=sim.masked_fill(~found, 0.0),
-        target_emb=model.encoder.item_emb(targets.clamp(min=0)).to(h.dtype),  # (B, K, D), tied embeddings
-        seq_repr=None if bank.values is None else bank.values[ids].to(h.dtype),
-        keys=bank.keys[ids],
-        quality=quality,
-        valid=found,
-    )
-    return nb, res
+def build_ra_model(encoder: SequenceEncoder, ra: RAConfig) -> RAModel:
+    """The RA model of a validated ``ra`` section (``RAConfig``) around ``encoder``."""
+    return RAModel(encoder, ra)

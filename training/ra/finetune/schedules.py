@@ -1,7 +1,7 @@
 """Per-epoch schedules of the retrieval-augmented stage: temperature annealing, linear
 warm-ups, index-rebuild interval and progressive unfreezing with per-group learning rates.
 
-Epochs count from 0. Each function is pure in the epoch, so the trainer can log the value it
+Epochs count from 1 (``training/lifecycle.py``). Each function is pure in the epoch, so the trainer can log the value it
 used and a resumed run gets the same value back.
 """
 
@@ -19,15 +19,15 @@ logger = logging.getLogger(__name__)
 
 
 def annealed_temperature(epoch: int, t0: float, decay: float, t_min: float) -> float:
-    """max(t0 · decay^epoch, t_min)."""
+    """max(t0 · decay^(epoch - 1), t_min): t0 at epoch 1."""
     if t0 <= 0 or t_min <= 0 or not 0 < decay <= 1:
         raise ValueError(f"need t0 > 0, t_min > 0, 0 < decay <= 1; got t0={t0}, t_min={t_min}, decay={decay}")
-    return max(t0 * decay**epoch, t_min)
+    return max(t0 * decay ** (epoch - 1), t_min)
 
 
 def linear_warmup(epoch: int, target: float, warmup_epochs: int, start: float = 0.0) -> float:
-    """start at epoch 0, rising linearly to target at epoch warmup_epochs, then flat.
-    warmup_epochs = 0 gives target from the first epoch."""
+    """start + (target - start) · min(1, epoch / warmup_epochs): target/n at epoch 1 (from start
+    = 0), target from epoch warmup_epochs on. warmup_epochs = 0 gives target from epoch 1."""
     if warmup_epochs < 0:
         raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
     if warmup_epochs == 0:
@@ -37,22 +37,23 @@ def linear_warmup(epoch: int, target: float, warmup_epochs: int, start: float = 
 
 @dataclass(frozen=True)
 class RebuildSchedule:
-    """Rebuild the memory bank's index at the start of an epoch: every ``early_every`` epochs
-    before ``early_until`` (keys drift fastest while the retriever is young), every
-    ``late_every`` after. Epoch 0 always builds."""
+    """Rebuild the bank's keys at the start of an epoch: every ``early_every`` epochs during
+    the first ``early_epochs`` (keys drift fastest while the query encoder is young), every
+    ``late_every`` after them. Epoch 1 always builds. (``ra.rebuild_*`` hold the values.)"""
 
-    early_every: int = 2  # rebuild interval during the first early_until epochs
-    early_until: int = 10  # first epoch of the late regime
-    late_every: int = 5  # rebuild interval from early_until on
+    early_every: int  # rebuild interval during the first early_epochs epochs
+    early_epochs: int  # how many epochs the early regime lasts
+    late_every: int  # rebuild interval after them
 
     def __post_init__(self) -> None:
-        if self.early_every < 1 or self.late_every < 1 or self.early_until < 0:
-            raise ValueError(f"rebuild intervals must be >= 1 and early_until >= 0, got {self}")
+        if self.early_every < 1 or self.late_every < 1 or self.early_epochs < 0:
+            raise ValueError(f"rebuild intervals must be >= 1 and early_epochs >= 0, got {self}")
 
     def should_rebuild(self, epoch: int) -> bool:
-        if epoch < self.early_until:
-            return epoch % self.early_every == 0
-        return (epoch - self.early_until) % self.late_every == 0
+        done = epoch - 1  # epochs before this one
+        if done < self.early_epochs:
+            return done % self.early_every == 0
+        return (done - self.early_epochs) % self.late_every == 0
 
 
 # ---------------------------------------------------------------- progressive unfreezing
@@ -60,7 +61,7 @@ class RebuildSchedule:
 
 @dataclass(frozen=True)
 class Phase:
-    until_epoch: int  # the phase covers epochs before this one (after the previous phase)
+    until_epoch: int  # the phase covers the epochs up to this one (after the previous phase)
     train: tuple[str, ...]  # dotted names of submodules that train; "" is the whole model
     lr_mult: float = 1.0  # multiplies each group's learning rate
 
@@ -98,7 +99,7 @@ def validate_phases(model: nn.Module, phases: Sequence[Phase]) -> None:
 def phase_index(phases: Sequence[Phase], epoch: int) -> int:
     """Index of the phase that covers epoch; past the last phase, the last one stays in force."""
     for i, phase in enumerate(phases):
-        if epoch < phase.until_epoch:
+        if epoch <= phase.until_epoch:
             return i
     return len(phases) - 1
 

@@ -1,11 +1,11 @@
-"""Contrastive warm-up of the retriever encoder, run once before retrieval-augmented fine-tuning.
+"""Contrastive warm-up of the query_encoder encoder, run once before retrieval-augmented fine-tuning.
 
 A training prefix's positive is another training prefix with the same next item
 (``same_target_partners``); the rest of the batch are negatives, except examples sharing the
-anchor's target (false negatives, masked out). InfoNCE over the retriever's unit vectors.
+anchor's target (false negatives, masked out). InfoNCE over the query_encoder's unit vectors.
 
 The encoder stays frozen: the trainer encodes every training prefix once (eval mode, the
-same h the bank is built from) and the warm-up trains the retriever's small MLP on those
+same h the bank is built from) and the warm-up trains the query_encoder's small MLP on those
 rows, so an epoch costs a few thousand (B, D) matrix products. Examples whose target no
 other example shares have no positive and sit the warm-up out.
 """
@@ -25,7 +25,7 @@ from training.data.batches import same_target_partners
 log = logging.getLogger(__name__)
 
 
-def retriever_contrastive_loss(q: torch.Tensor, p: torch.Tensor, targets: torch.Tensor,
+def query_contrastive_loss(q: torch.Tensor, p: torch.Tensor, targets: torch.Tensor,
                                tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of anchors q (B, D) against positives p (B, D), both unit vectors; row i's
     positive is p[i], other rows with the same target (B,) are not negatives.
@@ -37,8 +37,8 @@ def retriever_contrastive_loss(q: torch.Tensor, p: torch.Tensor, targets: torch.
     return F.cross_entropy(logits, labels), logits.argmax(dim=1) == labels
 
 
-def warm_up_retriever(
-    retriever: nn.Module,
+def warm_up_query_encoder(
+    query_encoder: nn.Module,
     h: torch.Tensor,
     targets: np.ndarray,
     *,
@@ -48,14 +48,14 @@ def warm_up_retriever(
     batch_size: int,
     rng: np.random.Generator,
 ) -> list[dict[str, float]]:
-    """Train ``retriever`` (h -> unit key) for ``epochs`` passes; return per-epoch
+    """Train ``query_encoder`` (h -> unit key) for ``epochs`` passes; return per-epoch
     {"loss", "top1", "pairs", "seconds"}. h: (M, D) frozen representations; targets: (M,)."""
     if batch_size < 2:
         raise ValueError(f"the warm-up needs batches of at least 2 examples, got {batch_size}")
     targets = np.asarray(targets)
     target_t = torch.from_numpy(targets).to(h.device)
-    optimizer = torch.optim.Adam([p for p in retriever.parameters() if p.requires_grad], lr=lr)
-    retriever.train()
+    optimizer = torch.optim.Adam([p for p in query_encoder.parameters() if p.requires_grad], lr=lr)
+    query_encoder.train()
     history = []
     for epoch in range(epochs):
         start = time.perf_counter()
@@ -68,7 +68,7 @@ def warm_up_retriever(
                 break
             a_t = torch.from_numpy(a).to(h.device)
             p_t = torch.from_numpy(partners[a]).to(h.device)
-            loss, top1 = retriever_contrastive_loss(retriever(h[a_t]), retriever(h[p_t]), target_t[a_t], tau)
+            loss, top1 = query_contrastive_loss(query_encoder(h[a_t]), query_encoder(h[p_t]), target_t[a_t], tau)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -78,6 +78,6 @@ def warm_up_retriever(
         stats = {"loss": loss_sum / max(seen, 1), "top1": hits / max(seen, 1), "pairs": seen,
                  "seconds": time.perf_counter() - start}
         history.append(stats)
-        log.info("retriever warm-up %d/%d: InfoNCE %.4f, positive ranked first %.3f over %d pairs",
+        log.info("query_encoder warm-up %d/%d: InfoNCE %.4f, positive ranked first %.3f over %d pairs",
                  epoch + 1, epochs, stats["loss"], stats["top1"], seen)
     return history

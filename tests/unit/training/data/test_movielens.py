@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from training.data import movielens
-from training.data.sequences import DataError, build_sequences, leave_one_out, read_interactions
 from training.data.movielens import (
     ML100K_ITEMS,
     ML100K_ROWS,
@@ -20,6 +19,7 @@ from training.data.movielens import (
     DownloadError,
     fetch_ml100k,
 )
+from training.data.sequences import DataError, build_sequences, leave_one_out, read_interactions
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
            "model": {"dim": 16, "inner": 32, "dropout": 0.1, "attn_dropout": 0.1},
            "train": {"batch_size": 64, "seed": 3},
            "ra": {"enabled": True, "pretrained": str(duorec), "epochs": 1, "k": 3,
-                  "unfreeze": [{"until_epoch": 1, "train": ["retriever", "fusion"]}]}}
+                  "unfreeze": [{"until_epoch": 1, "train": ["query_encoder", "fusion"]}]}}
     config = root / "ra.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return config, duorec

@@ -12,13 +12,8 @@ pytest.importorskip("matplotlib", reason="matplotlib is in the 'report'/'dev' ex
 
 from matplotlib.image import imread
 
-from training.reports.run_report import (
-    PLOT_FILES,
-    ReportDependencyError,
-    ReportError,
-    ReportFileNotFoundError,
-    write_report,
-)
+from training.reports.plotting import ReportDependencyError, ReportError, ReportFileNotFoundError
+from training.reports.run_report import PLOT_FILES, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -55,7 +50,7 @@ def make_ra_run(root: Path, epochs: int = 3) -> Path:
                       "phase": 0 if e < 2 else 1, "rebuilt": e % 2 == 0},
          "train": {"loss_ce": 5.7, "loss_ce_fused": 2.8 + e, "loss_kl": 0.014, "loss": 8.5 + e,
                    "alpha_mean": 0.1 + 0.02 * e, "alpha_std": 0.01 + 0.01 * e, "neighbour_sim": 0.7 + 0.1 * e,
-                   "neighbour_hit": 0.008 - 0.0001 * e, "masked_by_quality": 0.0, "seconds": 30.0 + e},
+                   "neighbour_hit": 0.008 - 0.0001 * e, "masked_by_usefulness": 0.0, "seconds": 30.0 + e},
          "valid": {"with_retrieval": _metrics(0.144 - 0.001 * e, 0.068 - 0.0005 * e),
                    "without_retrieval": _metrics(0.1442, 0.0672)},
          "wall_seconds": 80.0 * (e + 1)}
@@ -66,7 +61,7 @@ def make_ra_run(root: Path, epochs: int = 3) -> Path:
                  "delta_ndcg10_bootstrap": {"mean": 0.00027, "low": -0.00199, "high": 0.0024}},
         "best_epoch": 0, "epochs_run": epochs, "train_seconds": 73.4, "pretrained": "runs/duorec"}))
     (run / "config.yaml").write_text(
-        "ra:\n  unfreeze:\n  - until_epoch: 2\n    train: [retriever, fusion]\n"
+        "ra:\n  unfreeze:\n  - until_epoch: 2\n    train: [query_encoder, fusion]\n"
         "  - until_epoch: 20\n    train: ['']\n")
     return run
 
@@ -100,11 +95,8 @@ def test_duorec_report(tmp_path: Path) -> None:
     assert not list((run / "report").glob("*.tmp"))  # atomic writes leave no temp files
 
 
-def test_ra_report_with_ablation_and_out_dir(tmp_path: Path) -> None:
+def test_ra_report_with_out_dir(tmp_path: Path) -> None:
     run = make_ra_run(tmp_path)
-    (run / "ablation.json").write_text(json.dumps(
-        {"full": {"mean": 0.068, "std": 0.002}, "no_kl": {"mean": 0.066, "std": 0.003},
-         "no_retrieval": {"mean": 0.067, "std": 0.001}}))
     out = tmp_path / "elsewhere"
     report = write_report(run, out)
     assert report == out / "report.md"
@@ -115,7 +107,6 @@ def test_ra_report_with_ablation_and_out_dir(tmp_path: Path) -> None:
     assert "valid with retrieval | valid without retrieval | test with retrieval | test without retrieval" in md
     assert "| NDCG@10 | 0.0681 | 0.0672 | 0.0573 | 0.0570 |" in md
     assert "+0.00027" in md and "[-0.00199, +0.00240]" in md
-    assert "| no_kl | 0.0660 | 0.0030 |" in md
     assert not (run / "report").exists()
 
 
@@ -163,14 +154,10 @@ def test_corrupt_metrics_jsonl(tmp_path: Path, content: str, message: str) -> No
     assert not (tmp_path / "report" / "report.md").exists()
 
 
-def test_corrupt_metrics_json_and_ablation(tmp_path: Path) -> None:
+def test_corrupt_metrics_json(tmp_path: Path) -> None:
     run = make_duorec_run(tmp_path)
     (run / "metrics.json").write_text("{not json")
     with pytest.raises(ReportError, match=r"metrics\.json: not valid JSON"):
-        write_report(run)
-    (run / "metrics.json").unlink()
-    (run / "ablation.json").write_text(json.dumps({"full": {"std": 0.1}}))
-    with pytest.raises(ReportError, match=r"ablation\.json: entry 'full' needs a numeric 'mean'"):
         write_report(run)
 
 

@@ -22,7 +22,7 @@ def test_neighbour_stats_against_hand_counts():
     stats = neighbour_stats(res, np.array([3, 5]), used)
     assert stats["neighbour_sim"] == pytest.approx((0.9 + 0.5 + 0.7 + 0.1 + 0.3) / 5)
     assert stats["neighbour_hit"] == pytest.approx(3 / 5)  # (0, 1), (1, 0), (1, 1)
-    assert stats["masked_by_quality"] == pytest.approx(1 / 5)  # found but not used: (0, 1)
+    assert stats["masked_by_usefulness"] == pytest.approx(1 / 5)  # found but not used: (0, 1)
     empty = neighbour_stats(_result([[-np.inf]], [[-1]], [[-1]]), np.array([3]), np.array([[False]]))
     assert all(math.isnan(v) for v in empty.values())
 

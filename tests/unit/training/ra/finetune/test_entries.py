@@ -6,7 +6,7 @@ from training.data.sequences import pad_prefixes
 from training.data.synthetic import generate_interactions, write_inter
 from training.model import ModelConfig, SequenceEncoder
 from training.ra.encode import encode_prefixes
-from training.ra.finetune.entries import BankEntries, entry_usefulness, retrieval_quality
+from training.ra.finetune.entries import BankEntries, entry_usefulness, gate_score
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +44,16 @@ def test_encode_prefixes_refuses_empty_prefixes(data):
 def test_bank_entries_minimum_prefix_and_eviction():
     entries = BankEntries.for_examples(np.array([1, 2, 3, 4, 5, 6]), min_prefix=3)
     assert entries.ids.tolist() == [2, 3, 4, 5]
-    assert (entries.quality == 1).all()
+    assert (entries.usefulness == 1).all()
     entries.absorb(np.array([3, -1, 5, 4]), np.array([0.2, 9.0, 0.4, 0.05], dtype=np.float32))
-    assert entries.quality.tolist() == pytest.approx([1, 1, 1, 0.2, 0.05, 0.4])  # -1 (not an example) skipped
+    assert entries.usefulness.tolist() == pytest.approx([1, 1, 1, 0.2, 0.05, 0.4])  # -1 (not an example) skipped
     assert entries.evict(0.5, keep_at_least=2) == 2  # 3 under the floor, room for 2: the worst two
     assert entries.ids.tolist() == [2, 5] and entries.evicted == 2
     assert entries.evict(0.5, keep_at_least=0) == 1
     assert entries.ids.tolist() == [2]
     again = BankEntries.from_state(entries.state())
     assert again.ids.tolist() == [2] and again.evicted == 3
-    np.testing.assert_array_equal(again.quality, entries.quality)
+    np.testing.assert_array_equal(again.usefulness, entries.usefulness)
 
 
 def test_entry_usefulness_is_share_relative_to_uniform():
@@ -64,10 +64,10 @@ def test_entry_usefulness_is_share_relative_to_uniform():
     torch.testing.assert_close(value, torch.tensor([[1.5, 0.75, 0.0, 0.75], [1.0, 0.0, 0.0, 0.0]]))
 
 
-def test_retrieval_quality_is_weighted_mean_over_used_neighbours():
+def test_gate_score_is_weighted_mean_over_used_neighbours():
     w = torch.tensor([[0.75, 0.25, 0.0], [0.0, 0.0, 0.0]])
     v = torch.tensor([[0.4, 0.8, -5.0], [1.0, 1.0, 1.0]])
     mask = torch.tensor([[True, True, False], [False, False, False]])
-    q = retrieval_quality(w, v, mask)
+    q = gate_score(w, v, mask)
     assert q[0].item() == pytest.approx(0.75 * 0.4 + 0.25 * 0.8)
     assert q[1].item() == float("-inf")  # no neighbour: always under a gate

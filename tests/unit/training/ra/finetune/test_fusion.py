@@ -5,11 +5,11 @@ import torch
 
 from training.ra.finetune.fusion import (
     FUSIONS,
-    CrossAttentionRetrieval,
+    CrossAttention,
     Neighbours,
-    RetrievalAttention,
+    SimilarityAttention,
+    build_attention,
     build_fusion,
-    build_retrieval,
     entropy_temperature,
     masked_log_softmax,
 )
@@ -24,7 +24,7 @@ def neighbours(seed: int = 0, **kw) -> Neighbours:
         "target_emb": torch.randn(B, K, D, generator=g),
         "seq_repr": torch.randn(B, K, D, generator=g),
         "keys": torch.randn(B, K, D, generator=g),
-        "quality": torch.rand(B, K, generator=g),
+        "usefulness": torch.rand(B, K, generator=g),
     }
     base.update(kw)
     return Neighbours(**base)
@@ -32,7 +32,7 @@ def neighbours(seed: int = 0, **kw) -> Neighbours:
 
 def test_retrieval_weights_are_softmax_of_sim_over_temperature():
     nb = neighbours()
-    ret = RetrievalAttention(temperature=0.5)(torch.zeros(B, D), nb)
+    ret = SimilarityAttention(temperature=0.5)(torch.zeros(B, D), nb)
     torch.testing.assert_close(ret.weights, torch.softmax(nb.sim / 0.5, dim=1))
     expected_r = torch.einsum("bk,bkd->bd", ret.weights, nb.target_emb)
     torch.testing.assert_close(ret.r, expected_r)
@@ -41,7 +41,7 @@ def test_retrieval_weights_are_softmax_of_sim_over_temperature():
 @pytest.mark.parametrize("values", ["target", "sequence", "both"])
 def test_value_sources(values):
     nb = neighbours()
-    ret = RetrievalAttention(temperature=1.0, values=values)(torch.zeros(B, D), nb)
+    ret = SimilarityAttention(temperature=1.0, values=values)(torch.zeros(B, D), nb)
     w = torch.softmax(nb.sim, dim=1)
     t = torch.einsum("bk,bkd->bd", w, nb.target_emb)
     s = torch.einsum("bk,bkd->bd", w, nb.seq_repr)
@@ -50,12 +50,12 @@ def test_value_sources(values):
 
 
 def test_quality_threshold_masks_and_all_masked_means_no_retrieval():
-    quality = torch.tensor([[0.9, 0.1, 0.8], [0.1, 0.1, 0.1], [0.9, 0.9, 0.9], [0.2, 0.6, 0.0]])
+    usefulness = torch.tensor([[0.9, 0.1, 0.8], [0.1, 0.1, 0.1], [0.9, 0.9, 0.9], [0.2, 0.6, 0.0]])
     emb = torch.randn(B, K, D)
     emb[1] = float("nan")  # padded garbage in a fully masked row must not leak
-    nb = neighbours(quality=quality, target_emb=emb)
-    ret = RetrievalAttention(temperature=0.2, quality_threshold=0.5)(torch.zeros(B, D), nb)
-    assert ret.mask.tolist() == (quality >= 0.5).tolist()
+    nb = neighbours(usefulness=usefulness, target_emb=emb)
+    ret = SimilarityAttention(temperature=0.2, usefulness_threshold=0.5)(torch.zeros(B, D), nb)
+    assert ret.mask.tolist() == (usefulness >= 0.5).tolist()
     assert ret.has_neighbours.tolist() == [True, False, True, True]
     assert torch.all(ret.weights[~ret.mask] == 0)
     torch.testing.assert_close(ret.weights.sum(1), torch.tensor([1.0, 0.0, 1.0, 1.0]))
@@ -81,10 +81,10 @@ def test_entropy_temperature_rises_with_uncertainty():
     assert t[0] < t[1]
     torch.testing.assert_close(t[1], torch.tensor(0.2))  # uniform: H = 1, t = t0 · 2
     torch.testing.assert_close(t[2], torch.tensor(0.1))  # one neighbour: no uncertainty
-    flatter = RetrievalAttention(temperature=0.1, entropy_gain=1.0)(
+    flatter = SimilarityAttention(temperature=0.1, entropy_gain=1.0)(
         torch.zeros(3, D), neighbours(sim=sim, target_emb=torch.randn(3, K, D))
     )
-    plain = RetrievalAttention(temperature=0.1)(
+    plain = SimilarityAttention(temperature=0.1)(
         torch.zeros(3, D), neighbours(sim=sim, target_emb=torch.randn(3, K, D))
     )
     assert flatter.weights[0].max() < plain.weights[0].max()
@@ -92,10 +92,10 @@ def test_entropy_temperature_rises_with_uncertainty():
 
 def test_cross_attention_masks_and_learns():
     torch.manual_seed(0)
-    module = CrossAttentionRetrieval(D, quality_threshold=0.5)
-    quality = torch.ones(B, K)
-    quality[2] = 0.0
-    nb = neighbours(quality=quality)
+    module = CrossAttention(D, usefulness_threshold=0.5)
+    usefulness = torch.ones(B, K)
+    usefulness[2] = 0.0
+    nb = neighbours(usefulness=usefulness)
     h = torch.randn(B, D)
     ret = module(h, nb)
     assert ret.has_neighbours.tolist() == [True, True, False, True]
@@ -111,7 +111,7 @@ def test_cross_attention_masks_and_learns():
 def _inputs(name: str, ret_mask: torch.Tensor | None = None):
     torch.manual_seed(1)
     nb = neighbours(valid=ret_mask)
-    ret = RetrievalAttention(temperature=0.5)(torch.zeros(B, D), nb)
+    ret = SimilarityAttention(temperature=0.5)(torch.zeros(B, D), nb)
     h = torch.randn(B, D, requires_grad=True)
     if FUSIONS[name].output == "scores":
         emb = torch.randn(N, D)
@@ -174,7 +174,7 @@ def test_gate_layernorm_makes_gate_scale_invariant_in_r():
 
 
 def test_entropy_fusion_favours_the_confident_side():
-    ret = RetrievalAttention()(
+    ret = SimilarityAttention()(
         torch.zeros(2, D), neighbours(sim=torch.zeros(2, K), target_emb=torch.zeros(2, K, D))
     )
     sharp = torch.tensor([[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
@@ -201,12 +201,12 @@ def test_unknown_fusion_and_value_source_raise():
     with pytest.raises(ValueError, match="'nope'"):
         build_fusion("nope", D)
     with pytest.raises(ValueError, match="'both_x'"):
-        RetrievalAttention(values="both_x")
+        SimilarityAttention(values="both_x")
     assert math.isclose(build_fusion("fixed", D, alpha_max=0.3).alpha_max, 0.3)
 
 
 def test_build_retrieval():
-    assert isinstance(build_retrieval("similarity", D, temperature=0.3), RetrievalAttention)
-    assert isinstance(build_retrieval("cross_attention", D), CrossAttentionRetrieval)
+    assert isinstance(build_attention("similarity", D, temperature=0.3), SimilarityAttention)
+    assert isinstance(build_attention("cross_attention", D), CrossAttention)
     with pytest.raises(ValueError, match="'knn'"):
-        build_retrieval("knn", D)
+        build_attention("knn", D)

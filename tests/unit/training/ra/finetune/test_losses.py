@@ -108,7 +108,7 @@ def test_kl_loss_averages_over_examples_with_neighbours_only():
     assert none.item() == 0.0
 
 
-def test_ra_loss_terms_and_quality_gate():
+def test_ra_loss_terms_and_the_loss_gate():
     torch.manual_seed(0)
     scores_h, scores_f = torch.randn(3, 6), torch.randn(3, 6)
     targets = torch.tensor([1, 6, 3])
@@ -121,19 +121,19 @@ def test_ra_loss_terms_and_quality_gate():
     torch.testing.assert_close(out["ce_fused"], 0.5 * F.cross_entropy(scores_f, targets - 1))
     torch.testing.assert_close(out["kl"], 0.1 * kl_divergence(ret_log, use_log, "forward").mean())
 
-    quality = torch.tensor([0.9, 0.1, 0.8])
+    gate = torch.tensor([0.9, 0.1, 0.8])
     gated = ra_loss(
         scores_h,
         scores_f,
         targets,
         enhanced_weight=0.5,
         kl_weight=0.1,
-        quality=quality,
-        quality_threshold=0.5,
+        gate_score=gate,
+        gate_threshold=0.5,
         **kw,
     )
     per = F.cross_entropy(scores_f, targets - 1, reduction="none")
     torch.testing.assert_close(gated["ce_fused"], 0.5 * (per[0] + per[2]) / 3)
     torch.testing.assert_close(gated["kl"], 0.1 * kl_divergence(ret_log, use_log, "forward")[[0, 2]].mean())
-    with pytest.raises(ValueError, match="quality"):
-        ra_loss(scores_h, scores_f, targets, enhanced_weight=0.5, kl_weight=0.1, quality_threshold=0.5, **kw)
+    with pytest.raises(ValueError, match="gate_score"):
+        ra_loss(scores_h, scores_f, targets, enhanced_weight=0.5, kl_weight=0.1, gate_threshold=0.5, **kw)

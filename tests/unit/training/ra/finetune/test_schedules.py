@@ -17,11 +17,11 @@ from training.ra.finetune.schedules import (
 
 
 def test_annealed_temperature_values():
-    got = [annealed_temperature(e, t0=1.0, decay=0.5, t_min=0.1) for e in range(6)]
+    got = [annealed_temperature(e, t0=1.0, decay=0.5, t_min=0.1) for e in range(1, 7)]
     assert got == pytest.approx([1.0, 0.5, 0.25, 0.125, 0.1, 0.1])
     assert annealed_temperature(3, t0=0.2, decay=1.0, t_min=0.05) == 0.2
     with pytest.raises(ValueError, match=r"decay=1\.5"):
-        annealed_temperature(0, t0=1.0, decay=1.5, t_min=0.1)
+        annealed_temperature(1, t0=1.0, decay=1.5, t_min=0.1)
 
 
 def test_linear_warmup():
@@ -32,11 +32,11 @@ def test_linear_warmup():
 
 
 def test_rebuild_more_often_early():
-    sched = RebuildSchedule(early_every=2, early_until=10, late_every=5)
-    epochs = [e for e in range(26) if sched.should_rebuild(e)]
-    assert epochs == [0, 2, 4, 6, 8, 10, 15, 20, 25]
+    sched = RebuildSchedule(early_every=2, early_epochs=10, late_every=5)
+    epochs = [e for e in range(1, 27) if sched.should_rebuild(e)]
+    assert epochs == [1, 3, 5, 7, 9, 11, 16, 21, 26]
     with pytest.raises(ValueError, match="late_every=0"):
-        RebuildSchedule(late_every=0)
+        RebuildSchedule(early_every=1, early_epochs=0, late_every=0)
 
 
 class TinyRA(nn.Module):
@@ -44,14 +44,14 @@ class TinyRA(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.encoder = SequenceEncoder(ModelConfig(n_items=20, max_len=6, dim=8, n_heads=2, inner=16))
-        self.retriever = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.query_encoder = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
         self.fusion = GatedFusion(8)
 
 
 PHASES = [
-    {"until_epoch": 2, "train": ["retriever", "fusion"], "lr_mult": 1.0},
-    {"until_epoch": 5, "train": ["retriever", "fusion", "encoder.blocks.1"], "lr_mult": 0.25},
-    {"until_epoch": 8, "train": ["retriever", "fusion", "encoder", "encoder.blocks.1"], "lr_mult": 0.1},
+    {"until_epoch": 2, "train": ["query_encoder", "fusion"], "lr_mult": 1.0},
+    {"until_epoch": 5, "train": ["query_encoder", "fusion", "encoder.blocks.1"], "lr_mult": 0.25},
+    {"until_epoch": 8, "train": ["query_encoder", "fusion", "encoder", "encoder.blocks.1"], "lr_mult": 0.1},
 ]
 
 
@@ -61,10 +61,10 @@ def _ids(params):
 
 def test_unfreezing_sets_requires_grad_and_groups():
     model, phases = TinyRA(), parse_phases(PHASES)
-    groups = apply_unfreezing(model, phases, epoch=0, base_lr=1e-3, module_lr={"fusion": 1e-2})
-    assert [(g["name"], g["lr"]) for g in groups] == [("retriever", 1e-3), ("fusion", 1e-2)]
+    groups = apply_unfreezing(model, phases, epoch=1, base_lr=1e-3, module_lr={"fusion": 1e-2})
+    assert [(g["name"], g["lr"]) for g in groups] == [("query_encoder", 1e-3), ("fusion", 1e-2)]
     assert _ids(p for p in model.parameters() if p.requires_grad) == _ids(
-        [*model.retriever.parameters(), *model.fusion.parameters()]
+        [*model.query_encoder.parameters(), *model.fusion.parameters()]
     )
     assert not any(p.requires_grad for p in model.encoder.parameters())
 
@@ -92,15 +92,15 @@ def test_overlapping_names_give_each_param_one_group():
 def test_unknown_module_raises_before_training():
     bad = [*PHASES[:2], {"until_epoch": 9, "train": ["encoder.blocks.7"], "lr_mult": 0.1}]
     with pytest.raises(ValueError, match=r"'encoder\.blocks\.7'"):
-        apply_unfreezing(TinyRA(), parse_phases(bad), epoch=0, base_lr=1e-3)  # phase 2 checked at epoch 0
+        apply_unfreezing(TinyRA(), parse_phases(bad), epoch=1, base_lr=1e-3)  # phase 2 checked at epoch 1
     with pytest.raises(ValueError, match="'encodr'"):
-        apply_unfreezing(TinyRA(), parse_phases(PHASES), epoch=0, base_lr=1e-3, module_lr={"encodr": 1.0})
+        apply_unfreezing(TinyRA(), parse_phases(PHASES), epoch=1, base_lr=1e-3, module_lr={"encodr": 1.0})
 
 
 def test_phase_parsing_and_index():
     phases = parse_phases(PHASES)
-    assert phases[1] == Phase(5, ("retriever", "fusion", "encoder.blocks.1"), 0.25)
-    assert [phase_index(phases, e) for e in (0, 1, 2, 4, 5, 7, 8, 30)] == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert phases[1] == Phase(5, ("query_encoder", "fusion", "encoder.blocks.1"), 0.25)
+    assert [phase_index(phases, e) for e in (1, 2, 3, 5, 6, 8, 9, 31)] == [0, 0, 1, 1, 2, 2, 2, 2]
     with pytest.raises(ValueError, match="lr_mul"):
         parse_phases([{"until_epoch": 2, "train": ["fusion"], "lr_mul": 1.0}])
     with pytest.raises(ValueError, match="increase"):
@@ -116,5 +116,5 @@ def test_own_group_moves_a_module_out_of_any_group():
     seen = [id(p) for g in groups for p in g["params"]]
     assert len(seen) == len(set(seen)) == len(list(model.parameters()))
     # a phase that freezes the module gives it no group; the others are untouched
-    frozen = apply_unfreezing(model, parse_phases([{"until_epoch": 1, "train": ["retriever"]}]), 0, 1.0)
-    assert [g["name"] for g in own_group(frozen, model.fusion, "fusion", 0.3)] == ["retriever"]
+    frozen = apply_unfreezing(model, parse_phases([{"until_epoch": 1, "train": ["query_encoder"]}]), 1, 1.0)
+    assert [g["name"] for g in own_group(frozen, model.fusion, "fusion", 0.3)] == ["query_encoder"]
