@@ -26,7 +26,7 @@ app.add_typer(data_app, name="data")
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from training.checkpoints import RunError
     from training.config import ConfigError
-    from training.data.sequences import DataError
+    from training.data.readers import DataError
     from training.reports.plotting import ReportDependencyError, ReportError
 
     return (ConfigError, DataError, RunError, ReportError, ReportDependencyError, FileNotFoundError, PermissionError)

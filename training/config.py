@@ -163,9 +163,9 @@ class RAConfig(_Strict):
     query_warmup_epochs: int = Field(0, ge=0)  # contrastive warm-up of the query encoder before epoch 1; 0 = off
     query_warmup_tau: float = Field(0.1, gt=0.0)  # its InfoNCE temperature
     query_warmup_lr: float | None = Field(None, gt=0.0)  # None = ra.lr
-    rebuild_every_early: int = Field(1, ge=1)  # re-encode the bank's keys every n epochs during the first
-    rebuild_early_epochs: int = Field(5, ge=0)  # ... this many epochs,
-    rebuild_every_late: int = Field(3, ge=1)  # ... and every m epochs after them (epoch 1 always builds)
+    rebuild_every_early: int = Field(1, ge=1)  # re-encode the bank's keys every n epochs during the early epochs
+    rebuild_early_epochs: int = Field(5, ge=0)  # how many epochs are early (keys drift fastest then)
+    rebuild_every_late: int = Field(3, ge=1)  # rebuild interval after them (epoch 1 always builds)
     epochs: int = Field(20, ge=1)
     lr: float = Field(5e-4, gt=0.0)
     fusion_lr: float | None = Field(None, gt=0.0)  # the fusion's own optimizer group (not scaled by lr_mult); None = lr

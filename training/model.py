@@ -80,7 +80,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout. On CPU the mask comes from 16-bit random integers.
 
     PyTorch's CPU ``bernoulli_`` draws one random number per element and took a third of
-    a training step here (the issue's profile of RecBole says the same); slicing random
+    a training step here (a profile of RecBole's DuoRec showed the same); slicing random
     64-bit words into four 16-bit lanes gives the same mask distribution (p resolved to
     1/65536) about five times faster. On GPU the library kernel is already fast.
     """

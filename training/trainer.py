@@ -35,7 +35,8 @@ from training.atomic import append_jsonl, atomic_write_json
 from training.checkpoints import RunError, atomic_torch_save, load_model_file, save_model_file
 from training.config import RunConfig
 from training.data.batches import Batch, Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
-from training.data.sequences import DataError, gather_items, item_popularity, leave_one_out, pad_prefixes
+from training.data.readers import DataError
+from training.data.sequences import gather_items, item_popularity, leave_one_out, pad_prefixes
 from training.data.source import load_run_data
 from training.ema import WeightAverage
 from training.evaluate import EvalResult, evaluate_scorer

@@ -14,7 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from training.data.sequences import DataError, atomic_output, read_interactions
+from training.atomic import atomic_output
+from training.data.readers import DataError, read_interactions
 
 logger = logging.getLogger(__name__)
 

@@ -17,27 +17,9 @@ import numpy as np
 import pandas as pd
 
 from training.atomic import atomic_output
-from training.data.readers import FORMATS, DataError, Interactions, as_str_array, read_interactions
+from training.data.readers import DataError, Interactions, as_str_array, read_interactions
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "FORMATS",
-    "DataError",
-    "Interactions",
-    "SequenceData",
-    "Split",
-    "Vocabulary",
-    "atomic_output",
-    "build_sequences",
-    "gather_items",
-    "item_popularity",
-    "leave_one_out",
-    "load_dataset",
-    "pad_prefixes",
-    "read_interactions",
-]
-
 
 # ------------------------------------------------------------------------------------------ vocabulary
 

@@ -19,7 +19,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from training.data.sequences import DataError, Interactions, atomic_output
+from training.atomic import atomic_output
+from training.data.readers import DataError, Interactions
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,6 @@ load_worker run against a real HTTP server on loopback that ends through its sto
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,17 +12,12 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[3] / "bench"
+from tests.support import bench_module
 
 
 @pytest.fixture(scope="module")
 def loadgen() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("serve_loadgen", BENCH / "serve_loadgen.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_loadgen"] = module  # the dataclass machinery looks its module up here
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("serve_loadgen")
 
 
 def test_percentile_matches_numpy(loadgen: ModuleType) -> None:

@@ -37,7 +37,8 @@ from training.atomic import append_jsonl, atomic_write, atomic_write_json
 from training.checkpoints import RunError
 from training.config import RunConfig
 from training.data.batches import iterate_batches, prefix_plan, window_plan
-from training.data.sequences import DataError, gather_items, item_popularity, leave_one_out, pad_prefixes
+from training.data.readers import DataError
+from training.data.sequences import gather_items, item_popularity, leave_one_out, pad_prefixes
 from training.data.source import load_run_data
 from training.evaluate import EvalResult, evaluate_scorer, paired_bootstrap
 from training.lifecycle import autocast, epochs_after, prepare_out_dir, resolve_device, run_trainer

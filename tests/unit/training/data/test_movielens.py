@@ -19,7 +19,8 @@ from training.data.movielens import (
     DownloadError,
     fetch_ml100k,
 )
-from training.data.sequences import DataError, build_sequences, leave_one_out, read_interactions
+from training.data.readers import DataError, read_interactions
+from training.data.sequences import build_sequences, leave_one_out
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.data.sequences import DataError, Interactions, build_sequences, leave_one_out, read_interactions
+from training.data.readers import DataError, Interactions, read_interactions
+from training.data.sequences import build_sequences, leave_one_out
 from training.data.synthetic import generate_interactions, write_inter
 
 

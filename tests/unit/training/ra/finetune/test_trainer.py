@@ -41,9 +41,6 @@ def test_runs_end_to_end_and_writes_dual_metrics(tmp_path, ready_trainer, ra_con
     result = run_ra_training(ra_config(), out, progress=False)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(result))
-    for split in ("valid", "test"):
-        for side in ("with_retrieval", "without_retrieval"):
-            assert {"HR@10", "NDCG@10", "MRR@10", "HR@5", "NDCG@20"} <= set(saved[split][side]), (split, side)
     boot = saved["test"]["delta_ndcg10_bootstrap"]
     assert boot["low"] <= boot["mean"] <= boot["high"]
     assert boot["mean"] == pytest.approx(
@@ -51,10 +48,14 @@ def test_runs_end_to_end_and_writes_dual_metrics(tmp_path, ready_trainer, ra_con
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
-    for r in lines:
-        assert {"alpha_mean", "alpha_std", "norm_ratio_raw", "cos_fused", "neighbour_sim", "neighbour_hit",
-                "masked_by_usefulness", "loss_ce", "loss_ce_fused", "loss_kl"} <= set(r["train"])
-        assert {"temperature", "alpha_max"} <= set(r["schedule"])
+    for epoch, r in enumerate(lines, start=1):
+        tr = r["train"]
+        assert tr["loss"] == pytest.approx(tr["loss_ce"] + tr["loss_ce_fused"] + tr["loss_kl"])
+        assert tr["masked_by_usefulness"] == 0.0  # no ra.usefulness_threshold: nothing masked
+        assert -1.0 <= tr["neighbour_sim"] <= 1.0 and 0.0 <= tr["neighbour_hit"] <= 1.0
+        # the defaults' schedules by hand: t0 · 0.95^(epoch - 1), alpha_max 0.5 over 2 warm-up epochs
+        assert r["schedule"]["temperature"] == pytest.approx(0.1 * 0.95 ** (epoch - 1))
+        assert r["schedule"]["alpha_max"] == pytest.approx(0.5 * min(1.0, epoch / 2))
         assert set(r["valid"]) == {"with_retrieval", "without_retrieval"}
     assert lines[1]["schedule"]["temperature"] < lines[0]["schedule"]["temperature"]  # annealed
     assert lines[0]["schedule"]["alpha_max"] < lines[1]["schedule"]["alpha_max"]  # warming up
@@ -64,7 +65,9 @@ def test_runs_end_to_end_and_writes_dual_metrics(tmp_path, ready_trainer, ra_con
     # the "without retrieval" side of the dual evaluation
     again = evaluate_run(out)
     for split in ("valid", "test"):
-        assert again[split]["NDCG@10"] == pytest.approx(saved[split]["without_retrieval"]["NDCG@10"], abs=1e-6)
+        assert set(again[split]) == set(saved[split]["without_retrieval"])
+        for m, v in again[split].items():
+            assert saved[split]["without_retrieval"][m] == pytest.approx(v, abs=1e-6), (split, m)
 
 
 def test_cli_train_dispatches_to_the_ra_stage(tmp_path, pretrained):
