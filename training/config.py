@@ -149,7 +149,6 @@ class RAConfig(_Strict):
     # its target, "similarity" = cosine of its target's embedding with the true item's, "match" =
     # 1 if it is the true item
     usefulness: Literal["score", "similarity", "match"] = "score"
-    usefulness_temperature: float = Field(1.0, gt=0.0)  # softmax temperature of the teacher
     # each retrieved entry's usefulness <- EMA of its share under the teacher (n_used · probability,
     # so 1 = a fair share; entries start at 1)
     usefulness_momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -161,7 +160,6 @@ class RAConfig(_Strict):
     loss_gate_threshold: float | None = None
     loss_gate_by: Literal["similarity", "usefulness"] = "similarity"
     query_warmup_epochs: int = Field(0, ge=0)  # contrastive warm-up of the query encoder before epoch 1; 0 = off
-    query_warmup_tau: float = Field(0.1, gt=0.0)  # its InfoNCE temperature
     query_warmup_lr: float | None = Field(None, gt=0.0)  # None = ra.lr
     rebuild_every_early: int = Field(1, ge=1)  # re-encode the bank's keys every n epochs during the early epochs
     rebuild_early_epochs: int = Field(5, ge=0)  # how many epochs are early (keys drift fastest then)

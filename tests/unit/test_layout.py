@@ -13,7 +13,7 @@ PACKAGES = ("training", "retriever", "app")
 # modules allowed past ~400 lines, each because one concept needs the room
 LONG_MODULES = {
     "training/trainer.py": "the DuoRec loop with its contrastive views, data-parallel steps and checkpoints",
-    "training/ra/finetune/trainer.py": "the fine-tuning loop: schedules, bank rebuilds, usefulness updates",
+    "training/ra/finetune/trainer.py": "the fine-tuning loop: schedules, phases, bank rebuilds, usefulness updates",
     "retriever/index.py": "the FAISS index factory and its calibration (retriever/ is owned by the serving work)",
     "retriever/bank.py": "MemoryBank: payload, exclusions, MMR and incremental edits around one index",
     "app/store.py": "one Store interface, its Redis and in-process implementations",

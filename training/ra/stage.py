@@ -198,27 +198,30 @@ def vote_probs(prep: Prepared, which: str, k: int, m: int, tau: float, decay: fl
 
 @dataclass
 class HeadSettings:
-    fusion: str = "fixed"
-    alpha: float = 0.5
-    k: int = 20
-    n_layers: int = 2
-    n_heads: int = 2
-    dropout: float = 0.1
-    epochs: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 512
-    patience: int = 3
-    kl_weight: float = 0.0
-    kl_direction: str = "forward"
-    vote_channel: bool = False  # add w · log p_kNN to the scores (w learned)
-    copy_items: bool = False  # mix in a copy of the neighbours' next items by the reader's attention (learned gate)
-    vote: VoteSettings = field(default_factory=VoteSettings)
-    mask_seen_in_loss: bool = True  # the query's own items leave the training softmax
-    multi_layer: bool = False  # fuse inside every frozen block (LayerAdapters)
-    samples_per_epoch: int | None = None  # None: every training query each epoch
-    lr_schedule: str = "cosine"  # "cosine": decay to 0 over the planned epochs; "constant"
-    seed: int = 0
+    """What ``train_head`` needs; built by ``RetrievalSection.head_settings`` (training/ra/config.py),
+    where every default and its meaning live."""
+
+    fusion: str
+    alpha: float
+    k: int
+    n_layers: int
+    n_heads: int
+    dropout: float
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    patience: int
+    kl_weight: float
+    kl_direction: str
+    vote_channel: bool
+    copy_items: bool
+    vote: VoteSettings
+    mask_seen_in_loss: bool
+    multi_layer: bool
+    samples_per_epoch: int | None
+    lr_schedule: str
+    seed: int
 
 
 def _neighbour_tensors(prep: Prepared, which: str, rows: np.ndarray, k: int):

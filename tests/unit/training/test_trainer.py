@@ -92,6 +92,17 @@ def test_refuses_non_empty_out_dir_and_missing_resume(tmp_path, inter_path):
         Trainer(tiny_cfg(inter_path), tmp_path / "fresh", resume=True).setup()
 
 
+@pytest.mark.parametrize(("optimizer", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_optimizer_and_weight_decay_come_from_the_config(tmp_path, inter_path, optimizer, cls):
+    trainer = Trainer(tiny_cfg(inter_path, f"train.optimizer={optimizer}", "train.weight_decay=0.05"), tmp_path / "o")
+    trainer.setup()
+    try:
+        assert type(trainer.optimizer) is cls
+        assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05]
+    finally:
+        trainer.cleanup()
+
+
 def test_window_mode_trains(tmp_path, inter_path):
     result = run_training(tiny_cfg(inter_path, "train.mode=window", "loss.contrastive=us"), tmp_path / "w",
                           progress=False)

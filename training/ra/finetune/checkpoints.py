@@ -9,15 +9,19 @@ rebuilds, every entry's usefulness and both random generators.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from training.checkpoints import RunError, atomic_torch_save, save_model_file
+from training.ra.finetune.entries import BankEntries
 
 if TYPE_CHECKING:
     from training.ra.finetune.trainer import RATrainer
+
+log = logging.getLogger(__name__)
 
 RA_FORMAT = "ragrec.ra_model.v1"
 RA_CHECKPOINT_FORMAT = "ragrec.ra_checkpoint.v1"
@@ -81,3 +85,29 @@ def load_last(path: Path, t: RATrainer) -> dict[str, Any]:
         raise RunError(f"{path} was trained with other ra settings ({', '.join(changed)}); resume with the "
                        f"same config (only {sorted(RESUMABLE_CHANGES)} may change)")
     return blob
+
+
+def restore_last(t: RATrainer, path: Path) -> None:
+    """Bring a set-up trainer to the state ``last.pt`` holds (model, optimizer, bank, RNGs)."""
+    blob = load_last(path, t)
+    t.model.load_state_dict(blob["model"], strict=True)
+    epoch = int(blob["epoch"])
+    t.set_phase(epoch)  # the optimizer over the same groups, then its state
+    t.optimizer.load_state_dict(blob["optimizer"])
+    t.epochs_done = epoch
+    t.best_score, t.best_epoch = float(blob["best_score"]), int(blob["best_epoch"])
+    t.bad_epochs, t.train_seconds = int(blob["bad_epochs"]), float(blob["train_seconds"])
+    # a run stopped by the time limit goes on; one out of epochs or patience (as now set) does not
+    t.stopped = epoch >= t.ra.epochs or t.bad_epochs >= t.ra.patience
+    t.entries = BankEntries.from_state(blob["entries"])
+    t.warmup_history = list(blob["warmup"])
+    t.initial = blob["initial"]
+    if blob["bank"] is not None:  # the next epoch searches the keys of the last rebuild
+        ex = blob["bank"]["examples"].numpy()
+        s = t.split
+        values = blob["bank"]["values"]
+        t.bank = t.banks.from_keys(s.train_users[ex], s.train_positions[ex], blob["bank"]["keys"].to(t.device),
+                                   None if values is None else values.to(t.device), t.entries.usefulness[ex], ex)
+    torch.set_rng_state(blob["torch_rng"])
+    t.rng.bit_generator.state = blob["numpy_rng"]
+    log.info("resumed %s after RA epoch %d", t.out, epoch)

@@ -40,12 +40,13 @@ from training.data.batches import iterate_batches, prefix_plan, window_plan
 from training.data.readers import DataError
 from training.data.sequences import gather_items, item_popularity, leave_one_out, pad_prefixes
 from training.data.source import load_run_data
-from training.evaluate import EvalResult, evaluate_scorer, paired_bootstrap
+from training.evaluate import EvalResult, paired_bootstrap
 from training.lifecycle import autocast, epochs_after, prepare_out_dir, resolve_device, run_trainer
 from training.ra.finetune import checkpoints as ckpt
 from training.ra.finetune.banks import Banks, KeyedBank, search_neighbours
 from training.ra.finetune.diagnostics import RunningMean, neighbour_stats, parameter_drift, snapshot
 from training.ra.finetune.entries import BankEntries, entry_usefulness, gate_score
+from training.ra.finetune.evaluation import Evaluator
 from training.ra.finetune.losses import USEFULNESS, ra_loss, usefulness_log_probs
 from training.ra.finetune.model import RAModel, build_ra_model
 from training.ra.finetune.pretrained import open_pretrained, stage_config
@@ -65,6 +66,7 @@ from training.tracking import ScalarLog
 log = logging.getLogger(__name__)
 
 TRACKED = ("fusion", "attention", "query_encoder")  # submodules whose parameter drift is logged
+QUERY_WARMUP_TAU = 0.1  # InfoNCE temperature of the query encoder's warm-up
 
 
 class RATrainer:
@@ -134,11 +136,12 @@ class RATrainer:
             self.plan = prefix_plan(s.train_users, s.train_positions, L)
             self.windows = pad_prefixes(self.data, self.plan.unit_users, self.plan.unit_ends, L)[0]
         self.usefulness = USEFULNESS[ra.usefulness]
+        self.evaluator = Evaluator(self.model, self.eval_sets, self.popularity, cfg, device=self.device)
         self.initial = {name: snapshot(getattr(self.model, name)) for name in TRACKED}
         self.bank: KeyedBank | None = None
         self.phase = -1
         if self.resume:
-            self._resume(self.out / "last.pt")
+            ckpt.restore_last(self, self.out / "last.pt")
         self.scalars = ScalarLog(self.out / "tb", enabled=cfg.train.tensorboard and self.world.is_main)
         log.info("RA stage from %s: %d items, %d training examples, %d in the bank, fusion=%s attention=%s "
                  "values=%s k=%d, %s mode", ra.pretrained, self.data.n_items, len(self.train_targets), held,
@@ -166,7 +169,8 @@ class RATrainer:
             "alpha_max": linear_warmup(epoch, ra.alpha_max, ra.alpha_warmup_epochs),
         }
 
-    def _set_phase(self, epoch: int) -> None:
+    def set_phase(self, epoch: int) -> None:
+        """Train the modules ``epoch``'s unfreezing phase lists, with a fresh optimizer when the phase changes."""
         i = phase_index(self.phases, epoch)
         if i != self.phase:  # a new phase: new trainable set, fresh optimizer over it
             groups = apply_unfreezing(self.model, self.phases, epoch, self.ra.lr)
@@ -195,7 +199,7 @@ class RATrainer:
         for p in self.model.query_encoder.parameters():
             p.requires_grad_(True)
         return warm_up_query_encoder(self.model.query_encoder, h, self.train_targets, epochs=ra.query_warmup_epochs,
-                                     tau=ra.query_warmup_tau, lr=ra.query_warmup_lr or ra.lr,
+                                     tau=QUERY_WARMUP_TAU, lr=ra.query_warmup_lr or ra.lr,
                                      batch_size=max(self.cfg.train.batch_size, 2), rng=self.rng)
 
     # -------------------------------------------------------------- loop
@@ -220,7 +224,7 @@ class RATrainer:
         t0 = time.perf_counter()
         sched = self.schedule(epoch)
         self.model.set_schedule(**sched)
-        self._set_phase(epoch)
+        self.set_phase(epoch)
         rebuilt = self.bank is None or self.rebuild.should_rebuild(epoch)
         evicted = self._rebuild_bank(epoch) if rebuilt and not self.bank_fresh else 0
         return {"schedule": sched, "rebuilt": rebuilt, "evicted": evicted, "seconds": time.perf_counter() - t0}
@@ -247,7 +251,7 @@ class RATrainer:
             return
         assert valid_bank is not None
         with_r, without_r = self.dual_evaluate("valid", valid_bank)
-        diagnostics = self.diagnose("valid", valid_bank)
+        diagnostics = self.evaluator.diagnose("valid", valid_bank)
         eval_seconds = time.perf_counter() - t1
         score = with_r.metrics["NDCG@10"]
         if score > self.best_score:
@@ -325,7 +329,7 @@ class RATrainer:
             ret = out.retrieved
             nb_targets = torch.from_numpy(res.targets).to(self.device)
             teacher = self.usefulness(out.scores_h.float(), nb_targets, targets, item_emb.detach())
-            use_log = usefulness_log_probs(teacher, ret.mask, ra.usefulness_temperature)
+            use_log = usefulness_log_probs(teacher, ret.mask)  # the teacher at temperature 1
             gate = None
             if ra.loss_gate_threshold is not None:
                 by = ret.sim if ra.loss_gate_by == "similarity" else nb.usefulness
@@ -376,54 +380,14 @@ class RATrainer:
 
     # -------------------------------------------------------------- evaluation
 
-    @torch.no_grad()
     def evaluate(self, split: str, bank: KeyedBank | None) -> EvalResult:
-        """Full-ranking metrics on ``split``; with a bank the fused scores, without it h's scores.
-
-        The bank must already be clean for this split (``Banks.eval_bank`` checks it); no
-        exclusion is applied at search time, so a leaky bank passed here shows its leak.
-        """
-        self.model.eval()
-        prefixes, targets = self.eval_sets[split]
-
-        def score(seq: torch.Tensor) -> torch.Tensor:
-            with autocast(self.device, self.cfg.train.precision):
-                h = self.model.encoder(seq)
-                if bank is None:
-                    return self.model.encoder.scores(h)
-                nb, _ = search_neighbours(self.model, bank, h, self.ra.k)
-                return self.model.fuse(h, nb).scores_fused
-
-        return evaluate_scorer(score, prefixes, targets, ks=self.cfg.eval.ks, item_popularity=self.popularity,
-                               mask_seen=self.cfg.eval.mask_seen, batch_size=self.cfg.eval.batch_size,
-                               device=self.device)
+        """Full-ranking metrics on ``split``: fused scores with a bank, h's scores without (evaluation.py)."""
+        return self.evaluator.evaluate(split, bank)
 
     def dual_evaluate(self, split: str, bank: KeyedBank | None = None) -> tuple[EvalResult, EvalResult]:
         """(with retrieval, without retrieval) for the same weights."""
         bank = bank or self.banks.eval_bank(split, self.entries)
-        return self.evaluate(split, bank), self.evaluate(split, None)
-
-    @torch.no_grad()
-    def diagnose(self, split: str, bank: KeyedBank) -> dict[str, float]:
-        """Fusion and neighbour statistics over the split's users (one query each), eval mode:
-        alpha/gate mean and std ACROSS users, ‖h‖/‖r‖, cos(h, fused), neighbour similarity,
-        fraction of neighbours whose target is the user's true next item, fraction masked."""
-        self.model.eval()
-        prefixes, targets = self.eval_sets[split]
-        alphas, means = [], RunningMean()
-        for start in range(0, len(prefixes), self.cfg.eval.batch_size):
-            seq = torch.from_numpy(prefixes[start : start + self.cfg.eval.batch_size]).to(self.device)
-            with autocast(self.device, self.cfg.train.precision):
-                h = self.model.encoder(seq)
-                nb, res = search_neighbours(self.model, bank, h, self.ra.k)
-                out = self.model.fuse(h, nb)
-            alphas.append(out.fusion.alpha.float().mean(dim=1).cpu())
-            stats = {k: v.item() for k, v in out.fusion.stats.items() if k not in ("alpha_mean", "alpha_std")}
-            stats.update(neighbour_stats(res, targets[start : start + len(seq)], out.retrieved.mask.cpu().numpy()))
-            means.add(stats, len(seq))
-        per_user = torch.cat(alphas)
-        return {"alpha_mean": float(per_user.mean()), "alpha_std": float(per_user.std(unbiased=False)),
-                **means.result()}
+        return self.evaluator.evaluate(split, bank), self.evaluator.evaluate(split, None)
 
     def finish(self, epochs_run: int) -> dict[str, Any]:
         """Reload the best epoch, evaluate valid and test both ways, write ``metrics.json`` and
@@ -451,34 +415,6 @@ class RATrainer:
         atomic_write(self.out / "ranks.npz", lambda fh: fh.write(buf.getbuffer()))
         atomic_write_json(self.out / "metrics.json", result)
         return result
-
-    # -------------------------------------------------------------- resume
-
-    def _resume(self, path: Path) -> None:
-        blob = ckpt.load_last(path, self)
-        self.model.load_state_dict(blob["model"], strict=True)
-        epoch = int(blob["epoch"])
-        self._set_phase(epoch)  # the optimizer over the same groups, then its state
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.epochs_done = epoch
-        self.best_score, self.best_epoch = float(blob["best_score"]), int(blob["best_epoch"])
-        self.bad_epochs, self.train_seconds = int(blob["bad_epochs"]), float(blob["train_seconds"])
-        # a run stopped by the time limit goes on; one out of epochs or patience (as now set) does not
-        self.stopped = epoch >= self.ra.epochs or self.bad_epochs >= self.ra.patience
-        self.entries = BankEntries.from_state(blob["entries"])
-        self.warmup_history = list(blob["warmup"])
-        self.initial = blob["initial"]
-        if blob["bank"] is not None:  # the next epoch searches the keys of the last rebuild
-            ex = blob["bank"]["examples"].numpy()
-            s = self.split
-            values = blob["bank"]["values"]
-            self.bank = self.banks.from_keys(s.train_users[ex], s.train_positions[ex],
-                                             blob["bank"]["keys"].to(self.device),
-                                             None if values is None else values.to(self.device),
-                                             self.entries.usefulness[ex], ex)
-        torch.set_rng_state(blob["torch_rng"])
-        self.rng.bit_generator.state = blob["numpy_rng"]
-        log.info("resumed %s after RA epoch %d", self.out, epoch)
 
     def cleanup(self) -> None:
         self.bank = None
