@@ -31,6 +31,8 @@ from training.data.sequences import Vocabulary
 from training.data.synthetic import generate_interactions, write_inter
 from training.trainer import run_training
 
+pytestmark = pytest.mark.slow  # a trained run served by uvicorn, once per store
+
 MAX_LEN = 10  # the tiny model's input length, and so the stored history cap
 MAX_BODY = 16 * 1024
 

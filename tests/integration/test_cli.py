@@ -8,6 +8,8 @@ import pytest
 
 from training.data.synthetic import generate_interactions, write_inter
 
+pytestmark = pytest.mark.slow  # each case starts the ragrec command in a new process
+
 
 def ragrec(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=cwd,

@@ -29,6 +29,8 @@ from training.data.readers import read_interactions
 from training.data.sequences import Vocabulary, pad_prefixes
 from training.ra.bundle import load_bundle
 
+pytestmark = pytest.mark.slow  # retrieval runs trained and served by uvicorn
+
 ADMIN = {"X-API-Key": "admin-key"}
 
 

@@ -11,6 +11,8 @@ from training.evaluate import evaluate_run
 from training.model import ModelConfig, SequenceEncoder
 from training.trainer import Trainer, run_training
 
+pytestmark = pytest.mark.slow  # every case trains
+
 
 @pytest.fixture(scope="module")
 def inter_path(tmp_path_factory):

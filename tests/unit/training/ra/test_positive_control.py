@@ -23,6 +23,8 @@ from training.ra.scoring import target_ranks
 from training.ra.vote import VoteSettings
 from training.trainer import run_training
 
+pytestmark = pytest.mark.slow  # trains a base and a head on planted trails
+
 
 @pytest.fixture(scope="module")
 def trails_base(tmp_path_factory):

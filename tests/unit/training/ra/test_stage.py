@@ -15,6 +15,8 @@ from training.ra.bundle import load_bundle
 from training.ra.config import load_retrieval_config
 from training.ra.runner import run_retrieval_stage
 
+pytestmark = pytest.mark.slow  # every case fits the retrieval stage
+
 
 def _cfg(base, **section):
     section.setdefault("vote", {"k": 6})

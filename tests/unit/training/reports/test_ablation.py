@@ -25,9 +25,7 @@ def setup(tmp_path_factory):
     duorec = root / "duorec"
     overrides = [f"{k}={v}" for k, v in TINY.items()]
     run_training(load_config(None, [f"data.path={data}", *overrides, "train.epochs=2"]), duorec, progress=False)
-    cfg = {"data": {"path": str(data), "max_seq_len": 10},
-           "model": {"dim": 16, "inner": 32, "dropout": 0.1, "attn_dropout": 0.1},
-           "train": {"batch_size": 64, "seed": 3},
+    cfg = {"train": {"batch_size": 64, "seed": 3},  # data and model come from the pretrained run
            "ra": {"enabled": True, "pretrained": str(duorec), "epochs": 1, "k": 3,
                   "unfreeze": [{"until_epoch": 1, "train": ["query_encoder", "fusion"]}]}}
     config = root / "ra.yaml"
@@ -62,6 +60,7 @@ def test_grid_parsing_and_cells():
     assert len(full) == len(DEFAULT_GRID["ra.fusion"]) * 3 * 2 * 2
 
 
+@pytest.mark.slow
 def test_tiny_ablation_end_to_end(tmp_path, setup):
     from typer.testing import CliRunner
 
@@ -126,13 +125,14 @@ def test_tiny_ablation_end_to_end(tmp_path, setup):
     assert "![NDCG@10 with and without retrieval per cell](ablation_ndcg10.png)" in report.read_text()
 
 
+@pytest.mark.slow
 def test_ablation_refuses_bad_cells_before_running(tmp_path, setup):
     from training.reports.ablation import run_ablation
 
     config, _ = setup
     with pytest.raises(AblationError, match=r"cell fusion-fixed__k_direction-x"):
         run_ablation(config, ["fusion=fixed", "ra.k_direction=x"], tmp_path / "a", seeds=1, defaults=False)
-    with pytest.raises(AblationError, match="does not exist"):
+    with pytest.raises(AblationError, match=r"ra\.pretrained: /nonexistent is not a finished run"):
         run_ablation(config, ["fusion=fixed"], tmp_path / "b", seeds=1, defaults=False,
                      overrides=["ra.pretrained=/nonexistent"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -14,6 +14,8 @@ from training.ra.finetune.banks import search_neighbours
 from training.ra.finetune.fusion import CrossAttention, SimilarityAttention
 from training.ra.finetune.trainer import RATrainer, run_ra_training
 
+pytestmark = pytest.mark.slow  # every case fine-tunes a trained run
+
 
 def records(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

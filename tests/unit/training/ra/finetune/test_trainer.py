@@ -15,6 +15,8 @@ from training.ra.finetune.fusion import FUSIONS
 from training.ra.finetune.pretrained import stage_config
 from training.ra.finetune.trainer import run_ra_training
 
+pytestmark = pytest.mark.slow  # every case fine-tunes a trained run
+
 
 def pairs(users, positions) -> set[tuple[int, int]]:
     return set(zip(np.asarray(users).tolist(), np.asarray(positions).tolist(), strict=True))
