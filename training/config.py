@@ -258,7 +258,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw, source=str(path) if path else "overrides")
 
 
+# A run directory's config.yaml is the whole config as the code of its day wrote it. Keys
+# renamed since are read under their new name; keys retired since are dropped while they hold
+# the value that code used (so they change nothing), and refused, by name, otherwise.
+RENAMED = {"ra.retrieval": "attention", "ra.quality_threshold": "usefulness_threshold",
+           "ra.rebuild_switch_epoch": "rebuild_early_epochs", "ra.retriever_warmup_epochs": "query_warmup_epochs",
+           "ra.retriever_warmup_lr": "query_warmup_lr"}
+RETIRED = {"loss.cl_batch": None, "train.compile": False, "train.eval_every": 1, "model.layer_norm_eps": 1e-12,
+           "model.init_std": 0.02, "ra.usefulness_temperature": 1.0, "ra.retriever_warmup_tau": 0.1}
+
+
+def _upgrade(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, new in RENAMED.items():
+        section, name = key.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and name in node and new not in node:
+            node[new] = node.pop(name)
+    for key, used in RETIRED.items():
+        section, name = key.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and name in node:
+            if node[name] != used:
+                raise ConfigError(f"{source}: '{key}' was removed (only {used!r} is supported now), got {node[name]!r}")
+            del node[name]
+    return raw
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    raw = _upgrade(raw, source)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

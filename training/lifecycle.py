@@ -2,7 +2,7 @@
 around their loops: the device, the output directory, the epoch numbering and the run wrapper.
 
 Epochs are numbered from 1 in both trainers, in ``metrics.jsonl``, ``best_epoch`` and every
-schedule setting (``ra.unfreeze[].until_epoch``, ``ra.rebuild_switch_epoch``).
+schedule setting (``ra.unfreeze[].until_epoch``, ``ra.rebuild_early_epochs``).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def test_bad_input_is_refused_before_the_run_directory_is_touched(tiny_base, tmp
     unfinished = tmp_path / "unfinished"
     shutil.copytree(tiny_base, unfinished)
     (unfinished / "metrics.json").unlink()
-    with pytest.raises(RunError, match="not a finished base run"):
+    with pytest.raises(RunError, match=r"retrieval\.base: .*unfinished is not a finished run: metrics\.json is missing"):
         run_retrieval_stage(_cfg(unfinished), out)
     with pytest.raises(RunError, match="larger than"):
         run_retrieval_stage(load_retrieval_config(raw={"retrieval": {"base": str(tiny_base), "k_search": 10**6,

@@ -49,7 +49,7 @@ def test_value_sources(values):
     torch.testing.assert_close(ret.r, expected)
 
 
-def test_quality_threshold_masks_and_all_masked_means_no_retrieval():
+def test_usefulness_threshold_masks_and_all_masked_means_no_retrieval():
     usefulness = torch.tensor([[0.9, 0.1, 0.8], [0.1, 0.1, 0.1], [0.9, 0.9, 0.9], [0.2, 0.6, 0.0]])
     emb = torch.randn(B, K, D)
     emb[1] = float("nan")  # padded garbage in a fully masked row must not leak

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,6 +205,13 @@ def test_keys_the_stage_would_ignore_are_errors_that_name_them(tmp_path, pretrai
     cfg = stage_config(ra_config("data.max_seq_len=10", "model.dim=16"))
     assert cfg.data == base.data and cfg.model == base.model
     assert stage_config(ra_config()).data.path == base.data.path
+
+
+def test_the_shipped_config_sets_only_what_the_stage_uses(pretrained):
+    _, run = pretrained
+    shipped = Path(__file__).resolve().parents[5] / "configs" / "ml100k-ra-finetune.yaml"
+    cfg = stage_config(load_config(shipped, [f"ra.pretrained={run}"]))
+    assert cfg.data == load_config(run / "config.yaml").data and cfg.ra.fusion == "entropy"
 
 
 def test_an_unfinished_pretrained_run_is_refused(tmp_path, pretrained, ra_config):
