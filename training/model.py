@@ -29,7 +29,7 @@ class ModelConfig:
     bounds are what the config file checks; ``__post_init__`` checks them here too."""
 
     n_items: int  # catalogue size, padding excluded (item ids are 1..n_items)
-    max_len: int = 50  # longest input prefix; longer prefixes keep their last max_len items
+    max_len: int  # longest input prefix (data.max_seq_len); longer prefixes keep their last max_len items
     dim: Annotated[int, Ge(1)] = 64  # hidden size; item embeddings are tied with the output layer
     n_layers: Annotated[int, Ge(1)] = 2  # transformer blocks
     n_heads: Annotated[int, Ge(1)] = 2  # attention heads; dim must divide evenly
