@@ -198,7 +198,7 @@ def test_keys_the_stage_would_ignore_are_errors_that_name_them(tmp_path, pretrai
     _, run = pretrained
     out = tmp_path / "ra"
     with pytest.raises(ConfigError, match=r"ignore data\.max_seq_len, model\.dim, loss\.contrastive, train\.lr: remove"):
-        run_ra_training(ra_config("data.max_seq_len=20", "model.dim=32", "loss.contrastive=us", "train.lr=0.1"), out)
+        run_ra_training(ra_config("data.max_seq_len=20", "model.dim=32", "loss.contrastive=none", "train.lr=0.1"), out)
     assert not out.exists()  # refused before the run directory was touched
     # the stage takes data and model from the pretrained run; restating its values is no error
     base = load_config(run / "config.yaml")
