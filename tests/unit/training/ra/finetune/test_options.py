@@ -99,10 +99,7 @@ def test_gated_loss_drops_the_enhanced_terms_under_the_threshold(tmp_path, ready
                       "train.weight_decay=0.01")
     t.begin_epoch(1)
     assert {g["weight_decay"] for g in t.optimizer.param_groups} == {0.01}  # train.weight_decay reaches Adam
-    assert 0.5 < t.train_epoch(1)["loss_gated"] < 1.0
-    t = ready_trainer(tmp_path / "by-use-all", "ra.loss_gate_by=usefulness", "ra.loss_gate_threshold=5.5")
-    t.begin_epoch(1)
-    assert t.train_epoch(1)["loss_gated"] == 1.0
+    assert 0.5 < t.train_epoch(1)["loss_gated"] < 1.0  # by similarity (at most 1) 1.5 would gate them all
 
 
 # ------------------------------------------------------------------ bank hygiene
