@@ -24,10 +24,10 @@ app.add_typer(data_app, name="data")
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from training.checkpoints import RunError
     from training.config import ConfigError
-    from training.data import DataError
-    from training.report import ReportDependencyError, ReportError
-    from training.run import RunError
+    from training.data.readers import DataError
+    from training.reports.plotting import ReportDependencyError, ReportError
 
     return (ConfigError, DataError, RunError, ReportError, ReportDependencyError, FileNotFoundError, PermissionError)
 
@@ -72,7 +72,7 @@ def _setup_logging(verbose: bool) -> None:
 @friendly
 def data_ml100k(out: Annotated[Path, typer.Option(help="Folder to write ml-100k.inter into")] = Path("data/ml-100k")) -> None:
     """Fetch MovieLens-100K from the recbole wheel on PyPI and verify it."""
-    from training.movielens import fetch_ml100k
+    from training.data.movielens import fetch_ml100k
 
     _setup_logging(False)
     path = fetch_ml100k(out)
@@ -89,7 +89,7 @@ def data_synthetic(
     seed: int = 0,
 ) -> None:
     """Generate a synthetic interaction log with planted sequential structure."""
-    from training.synthetic import generate_interactions, write_inter
+    from training.data.synthetic import generate_interactions, write_inter
 
     inter = generate_interactions(users, items, mean_length=mean_length, seed=seed)
     write_inter(inter, out)
@@ -142,7 +142,7 @@ def train(
     cfg = load_config(config, overrides)
     progress = None if os.environ.get("RANK", "0") == "0" else False  # under torchrun: rank 0's bar only
     if cfg.ra.enabled:  # stage 2: retrieval-augmented fine-tuning of the DuoRec run in ra.pretrained
-        from training.ra_trainer import run_ra_training
+        from training.ra.finetune.trainer import run_ra_training
 
         result = run_ra_training(cfg, out, resume=resume, progress=progress)
     else:
@@ -167,7 +167,7 @@ def ablate(
 ) -> None:
     """Run a grid of retrieval-augmented fine-tunes over seeds from one DuoRec checkpoint and
     write ablation.json / ablation.md (cells sorted by validation NDCG@10 with retrieval)."""
-    from training.ablation import run_ablation
+    from training.reports.ablation import run_ablation
 
     _setup_logging(verbose)
     summary = run_ablation(config, list(grid or []), out, seeds=seeds, overrides=list(set_ or []),
@@ -184,7 +184,7 @@ def evaluate(
     device: str = "cpu",
 ) -> None:
     """Recompute valid/test metrics from a run's saved checkpoint."""
-    from training.run import evaluate_run
+    from training.evaluate import evaluate_run
 
     _setup_logging(False)
     typer.echo(json.dumps(evaluate_run(run, device=device), indent=2))
@@ -197,14 +197,14 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/report)")] = None,
 ) -> None:
     """Plot a run's per-epoch metrics (PNG) and write report.md with the final metrics table."""
-    from training.report import write_report
+    from training.reports.run_report import write_report
 
     typer.echo(str(write_report(run, out)))
 
 
 def _finished_run(run: Path | None) -> Path:
     """--run, else RAGREC_RUN_DIR; RunError unless it holds a finished run."""
-    from training.run import RunError
+    from training.checkpoints import RunError
 
     run_dir = run or (Path(os.environ["RAGREC_RUN_DIR"]) if os.environ.get("RAGREC_RUN_DIR") else None)
     if run_dir is None:
@@ -234,7 +234,7 @@ def serve(
     import socket
 
     from app.settings import Settings
-    from training.run import RunError
+    from training.checkpoints import RunError
 
     run_dir = _finished_run(run)
     settings = Settings(run_dir=run_dir)  # a bad RAGREC_* value: one line and exit 2 (friendly), before anything starts

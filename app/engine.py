@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from app.index import IndexManager
     from app.onnx_encoder import OnnxEncoder
     from retriever import MemoryBank, SearchResult
-    from training.data import Vocabulary
+    from training.data.sequences import Vocabulary
     from training.model import SequenceEncoder
     from training.ra.bundle import RetrievalBundle, Scored
 
@@ -73,8 +73,8 @@ def read_run_data(run_dir: Path, vocab: Vocabulary, n_items: int) -> RunFiles:
     user has a training-data history (only events posted to the service count).
     """
     from training.config import load_config
-    from training.data import leave_one_out
-    from training.run import item_popularity, load_run_data
+    from training.data.sequences import item_popularity, leave_one_out
+    from training.data.source import load_run_data
 
     uniform = RunFiles(np.full(n_items, 1.0 / n_items), {}, "uniform")
     try:
@@ -154,9 +154,9 @@ class Engine:
         """Load a finished run: ``model.pt``, and ``retrieval.pt`` for a retrieval run.
         histories: read users' training-data histories (requests by user_id start from them).
         inference: "torch", "onnx" (the encoder run by ONNX Runtime, CPU) or "auto" (onnx where it can)."""
-        from training.data import Vocabulary
+        from training.checkpoints import RunError, load_model_file
+        from training.data.sequences import Vocabulary
         from training.ra.bundle import load_bundle
-        from training.run import RunError, load_model_file
 
         run = Path(run_dir)
         for name in ("config.yaml", "model.pt", "items.json"):

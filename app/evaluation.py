@@ -32,10 +32,11 @@ class Inputs:
 
 def _split_inputs(engine: Engine, split: str) -> Inputs:
     from app.index import build_bank
+    from training.checkpoints import RunError
     from training.config import load_config
-    from training.data import leave_one_out, pad_prefixes
+    from training.data.sequences import gather_items, leave_one_out, pad_prefixes
+    from training.data.source import load_run_data
     from training.ra.bank import BankRuleError, bank_entries, split_limits
-    from training.run import RunError, gather_items, load_run_data
 
     if engine.run_dir is None or engine.ra is None:
         raise RunError("the served engine has no retrieval run directory to read a split from")

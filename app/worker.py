@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 async def run_worker(settings: Settings) -> None:
-    from training.run import RunError
+    from training.checkpoints import RunError
 
     if settings.rebuild_interval <= 0:
         raise RunError("the worker rebuilds on a schedule: set RAGREC_REBUILD_INTERVAL (seconds) or --interval")

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.checkpoints import RunError  # noqa: E402
 from training.config import ConfigError  # noqa: E402
 from training.evaluate import ndcg_at  # noqa: E402
 from training.ra import stage as st  # noqa: E402
@@ -46,7 +47,6 @@ from training.ra.config import RetrievalSection, load_retrieval_config  # noqa: 
 from training.ra.fit import evaluate, fit_design, flat, flat_unmasked  # noqa: E402
 from training.ra.runner import fit_trained_keys  # noqa: E402
 from training.ra.vote import vote_distribution  # noqa: E402
-from training.run import RunError  # noqa: E402
 
 log = logging.getLogger("retrieval_gain")
 
@@ -72,7 +72,7 @@ def train_bases(out: Path, seeds: list[int], sparse: int | None) -> list[Path]:
 def check_bases(runs: list[Path]) -> None:
     """All bases must be finished runs on one vocabulary and shape (pooling pairs users)."""
     from training.config import load_config
-    from training.data import Vocabulary
+    from training.data.sequences import Vocabulary
 
     first = None
     for run in runs:
@@ -135,7 +135,7 @@ def breakdown(preps: list[st.Prepared], ranks: dict, which: str) -> dict:
     lengths = q.positions
     edges = np.quantile(lengths, [0.25, 0.5, 0.75])
     quart = np.searchsorted(edges, lengths, side="right")
-    from training.run import item_popularity
+    from training.data.sequences import item_popularity
 
     pop = item_popularity(p0.data, p0.split)
     order = np.argsort(-pop[1:]) + 1

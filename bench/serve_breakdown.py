@@ -40,7 +40,7 @@ from app.engine import Engine, Query
 from app.main import create_app
 from app.settings import Settings
 from retriever.index import set_search_threads
-from training.data import Vocabulary
+from training.data.sequences import Vocabulary
 
 
 def _scope(method: str, path: str, body: bytes) -> dict:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.batches import iterate_batches
 from training.config import load_config
+from training.data.batches import iterate_batches
 from training.trainer import Trainer
 
 RECBOLE_SECONDS = {"sasrec": 144.0, "duorec": 406.0}

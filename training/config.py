@@ -5,12 +5,16 @@ Unknown keys and wrong types are errors (``ConfigError``), never a silent defaul
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from training.model import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -32,17 +36,24 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(50, ge=1)  # longest input prefix
 
 
-class ModelSection(_Strict):
-    dim: int = Field(64, ge=1)
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(2, ge=1)
-    inner: int = Field(256, ge=1)
-    dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    attn_dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    activation: Literal["gelu", "relu"] = "gelu"
-    layer_norm_eps: float = Field(1e-12, gt=0.0)
-    init_std: float = Field(0.02, gt=0.0)
-    position: Literal["absolute", "relative", "both"] = "absolute"  # see training/model.py ModelConfig
+class _ModelSectionBase(_Strict):
+    @model_validator(mode="after")
+    def _builds(self) -> _ModelSectionBase:
+        ModelConfig(n_items=1, max_len=1, **self.model_dump())  # its checks (dim % n_heads, ranges)
+        return self
+
+
+def _section_of(dc: type, skip: tuple[str, ...]) -> type[_Strict]:
+    """A strict pydantic section with the fields (types, defaults) of dataclass ``dc``."""
+    hints = typing.get_type_hints(dc, include_extras=True)  # with the Annotated bounds
+    fields: dict[str, Any] = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(dc) if f.name not in skip}
+    return create_model(f"{dc.__name__}Section", __base__=_ModelSectionBase, **fields)
+
+
+# model: every field of training/model.py's ModelConfig, with its default, except the sizes the
+# data decides (n_items from the vocabulary, max_len = data.max_seq_len) and the two numerical
+# constants no experiment here varies (layer_norm_eps, init_std)
+ModelSection = _section_of(ModelConfig, skip=("n_items", "max_len", "layer_norm_eps", "init_std"))
 
 
 class LossConfig(_Strict):
@@ -52,9 +63,6 @@ class LossConfig(_Strict):
     lmd: float = Field(0.1, ge=0.0)  # weight of the unsupervised (dropout-view) term
     lmd_sem: float = Field(0.1, ge=0.0)  # weight of the supervised (same-target) term
     mask_false_negatives: bool = True  # same-target samples are not in-batch negatives
-    # Contrastive examples per step: None = every example (DuoRec). A number draws that many
-    # at random per batch, so the extra views cost a fraction of a step.
-    cl_batch: int | None = Field(None, ge=2)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # of the recommendation CE over all items
     # leave the input's own items out of the recommendation softmax (never the target): a base
     # that learns not to repeat its input, as ML-100K users never do and the service never shows
@@ -83,10 +91,8 @@ class TrainConfig(_Strict):
     # validation NDCG@10 (None = constant rate); early stopping still waits ``patience`` epochs
     lr_patience: int | None = Field(None, ge=1)
     lr_decay: float = Field(0.5, gt=0.0, lt=1.0)
-    eval_every: int = Field(1, ge=1)
     seed: int = 2026
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (CPU AMX / GPU)
-    compile: bool = False  # torch.compile the encoder
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = library default
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shuffle_targets: bool = False  # sanity mode: shuffled, relabelled training targets; must score at chance
@@ -107,58 +113,60 @@ class EvalConfig(_Strict):
 
 
 class UnfreezePhase(_Strict):
-    until_epoch: int = Field(ge=1)  # the phase covers RA epochs before this one (counted from 0)
-    train: list[str]  # submodules that train: "encoder", "retriever", "fusion", "" = everything
+    until_epoch: int = Field(ge=1)  # the phase covers the RA epochs up to this one (epochs count from 1)
+    # submodules that train: "encoder" (or e.g. "encoder.blocks.1"), "query_encoder", "attention",
+    # "fusion"; "" = everything
+    train: list[str]
     lr_mult: float = Field(1.0, gt=0.0)
 
 
 class RAConfig(_Strict):
     """Stage 2: retrieval-augmented fine-tuning of a finished DuoRec run (``ragrec train``
-    runs it instead of pretraining when ``enabled``)."""
+    runs it instead of pretraining when ``enabled``; ``training/ra/finetune/``). Data and model
+    come from the pretrained run. The defaults below are the only ones: ``build_ra_model`` takes
+    this section as it is."""
 
     enabled: bool = False
-    pretrained: str | None = None  # DuoRec run directory or its model.pt
+    pretrained: str | None = None  # DuoRec run directory (or its model.pt)
     k: int = Field(20, ge=1)  # neighbours per query
+    # how r is built: "similarity" = softmax(sim / τ) over the neighbours (values below);
+    # "cross_attention" = learned query/key projections over the neighbour keys, values = targets
+    attention: Literal["similarity", "cross_attention"] = "similarity"
     fusion: Literal["fixed", "adaptive", "gated", "attention", "entropy"] = "gated"
     values: Literal["target", "sequence", "both"] = "target"  # what a neighbour contributes to r
     match_norm: bool = True  # rescale r to |h| before fusion (r is ~30x shorter than h otherwise)
-    temperature_t0: float = Field(0.1, gt=0.0)  # retrieval softmax temperature at RA epoch 0
+    temperature_t0: float = Field(0.1, gt=0.0)  # attention softmax temperature at RA epoch 1
     temperature_decay: float = Field(0.95, gt=0.0, le=1.0)  # per epoch
     temperature_min: float = Field(0.05, gt=0.0)
-    alpha_max: float = Field(0.5, ge=0.0, le=1.0)  # cap on the retrieval side's weight
-    alpha_warmup_epochs: int = Field(2, ge=0)  # alpha_max, enhanced weight: target/n, 2·target/n, ...
-    enhanced_weight: float = Field(1.0, ge=0.0)  # weight of CE on the fused representation
-    kl_weight: float = Field(0.05, ge=0.0)  # weight of the retrieval KL term (small)
-    kl_direction: Literal["forward", "reverse", "js"] = "forward"
-    quality_threshold: float | None = None  # neighbours whose bank quality is below it are masked
-    # how r is built: "similarity" = softmax(sim / τ) over the neighbours (values as above);
-    # "cross_attention" = learned query/key projections over the neighbour keys, values = targets
-    retrieval: Literal["similarity", "cross_attention"] = "similarity"
-    entropy_gain: float = Field(0.0, ge=0.0)  # per-query τ·(1 + gain·H), H = normalised retrieval entropy; 0 = off
+    entropy_gain: float = Field(0.0, ge=0.0)  # per-query τ·(1 + gain·H), H = normalised attention entropy; 0 = off
     fusion_temperature: float | None = Field(None, gt=0.0)  # gate/attention/adaptive/entropy fusion; None = its default
-    fusion_lr: float | None = Field(None, gt=0.0)  # the fusion's own optimizer group (not scaled by lr_mult); None = lr
-    # KL teacher: "score" = the recommender's score of each neighbour's target, "similarity" =
-    # cosine of its embedding with the true item's, "match" = 1 if it is the true item
+    alpha_max: float = Field(0.5, ge=0.0, le=1.0)  # cap on the retrieval side's weight
+    alpha_warmup_epochs: int = Field(2, ge=0)  # alpha_max, enhanced weight: target/n at epoch 1, 2·target/n, ...
+    enhanced_weight: float = Field(1.0, ge=0.0)  # weight of CE on the fused representation
+    kl_weight: float = Field(0.05, ge=0.0)  # weight of the KL term between attention and usefulness (small)
+    kl_direction: Literal["forward", "reverse", "js"] = "forward"
+    # usefulness of a neighbour to a query (the KL teacher): "score" = the recommender's score of
+    # its target, "similarity" = cosine of its target's embedding with the true item's, "match" =
+    # 1 if it is the true item
     usefulness: Literal["score", "similarity", "match"] = "score"
-    usefulness_temperature: float = Field(1.0, gt=0.0)  # softmax temperature of the teacher
-    # quality-gated loss: an example whose retrieval quality is below the threshold drops its
-    # enhanced CE and KL terms. Quality = attention-weighted similarity or bank usefulness.
+    # each retrieved entry's usefulness <- EMA of its share under the teacher (n_used · probability,
+    # so 1 = a fair share; entries start at 1)
+    usefulness_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    usefulness_threshold: float | None = None  # neighbours whose entry usefulness is below it are masked
+    evict_below: float | None = None  # entries under this usefulness leave the bank at the next rebuild, for good
+    bank_min_prefix: int = Field(1, ge=1)  # bank entries need a prefix of at least this many items
+    # loss gate: an example whose gate score is below the threshold drops its enhanced CE and KL
+    # terms; gate score = attention-weighted neighbour similarity or entry usefulness
     loss_gate_threshold: float | None = None
     loss_gate_by: Literal["similarity", "usefulness"] = "similarity"
-    # bank hygiene: each retrieved entry's quality <- EMA of its usefulness (n_used · teacher
-    # probability, so 1 = a fair share; entries start at 1); below evict_below it leaves the
-    # bank at the next rebuild, for good
-    usefulness_momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    evict_below: float | None = None
-    bank_min_prefix: int = Field(1, ge=1)  # bank entries need a prefix of at least this many items
-    retriever_warmup_epochs: int = Field(0, ge=0)  # contrastive warm-up of the retriever before epoch 0; 0 = off
-    retriever_warmup_tau: float = Field(0.1, gt=0.0)  # its InfoNCE temperature
-    retriever_warmup_lr: float | None = Field(None, gt=0.0)  # None = lr
-    rebuild_every_early: int = Field(1, ge=1)  # re-encode the bank's keys every n epochs ...
-    rebuild_every_late: int = Field(3, ge=1)  # ... and every m epochs from rebuild_switch_epoch on
-    rebuild_switch_epoch: int = Field(5, ge=0)
+    query_warmup_epochs: int = Field(0, ge=0)  # contrastive warm-up of the query encoder before epoch 1; 0 = off
+    query_warmup_lr: float | None = Field(None, gt=0.0)  # None = ra.lr
+    rebuild_every_early: int = Field(1, ge=1)  # re-encode the bank's keys every n epochs during the early epochs
+    rebuild_early_epochs: int = Field(5, ge=0)  # how many epochs are early (keys drift fastest then)
+    rebuild_every_late: int = Field(3, ge=1)  # rebuild interval after them (epoch 1 always builds)
     epochs: int = Field(20, ge=1)
     lr: float = Field(5e-4, gt=0.0)
+    fusion_lr: float | None = Field(None, gt=0.0)  # the fusion's own optimizer group (not scaled by lr_mult); None = lr
     patience: int = Field(5, ge=1)  # epochs without a better validation NDCG@10 (with retrieval)
     unfreeze: list[UnfreezePhase] = Field(default_factory=list)  # empty: everything trains throughout
 
@@ -169,8 +177,8 @@ class RAConfig(_Strict):
         ends = [p.until_epoch for p in self.unfreeze]
         if any(b <= a for a, b in itertools.pairwise(ends)):
             raise ValueError(f"ra.unfreeze until_epoch values must increase, got {ends}")
-        if self.retrieval == "cross_attention" and (self.values != "target" or self.entropy_gain > 0):
-            raise ValueError("ra.retrieval=cross_attention attends over target embeddings with a learned "
+        if self.attention == "cross_attention" and (self.values != "target" or self.entropy_gain > 0):
+            raise ValueError("ra.attention=cross_attention attends over target embeddings with a learned "
                              f"score: it needs ra.values=target and ra.entropy_gain=0 (got {self.values!r}, "
                              f"{self.entropy_gain})")
         return self
@@ -250,7 +258,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw, source=str(path) if path else "overrides")
 
 
+# A run directory's config.yaml is the whole config as the code of its day wrote it. Keys
+# renamed since are read under their new name; keys retired since are dropped while they hold
+# the value that code used (so they change nothing), and refused, by name, otherwise.
+RENAMED = {"ra.retrieval": "attention", "ra.quality_threshold": "usefulness_threshold",
+           "ra.rebuild_switch_epoch": "rebuild_early_epochs", "ra.retriever_warmup_epochs": "query_warmup_epochs",
+           "ra.retriever_warmup_lr": "query_warmup_lr"}
+RETIRED = {"loss.cl_batch": None, "train.compile": False, "train.eval_every": 1, "model.layer_norm_eps": 1e-12,
+           "model.init_std": 0.02, "ra.usefulness_temperature": 1.0, "ra.retriever_warmup_tau": 0.1}
+
+
+def _upgrade(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, new in RENAMED.items():
+        section, name = key.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and name in node and new not in node:
+            node[new] = node.pop(name)
+    for key, used in RETIRED.items():
+        section, name = key.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and name in node:
+            if node[name] != used:
+                raise ConfigError(f"{source}: '{key}' was removed (only {used!r} is supported now), got {node[name]!r}")
+            del node[name]
+    return raw
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    raw = _upgrade(raw, source)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -258,6 +294,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    from training.io import atomic_write_text
+    from training.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(), sort_keys=False))

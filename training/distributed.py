@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from training.batches import Batch
+from training.data.batches import Batch
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from training.checkpoints import load_model_file, require_finished_run
+from training.config import load_config
+from training.data.sequences import Vocabulary, gather_items, item_popularity, leave_one_out, pad_prefixes
+from training.data.source import load_run_data
+from training.lifecycle import autocast
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +120,28 @@ def paired_bootstrap(
     means = diff[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"mean": float(diff.mean()), "low": float(lo), "high": float(hi)}
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "cpu") -> dict[str, Any]:
+    """Recompute valid/test metrics of a finished run from its saved files (``ragrec evaluate``)."""
+    run = require_finished_run(run_dir)
+    cfg = load_config(run / "config.yaml")
+    data = load_run_data(cfg, item_vocab=Vocabulary.load(run / "items.json"))
+    split = leave_one_out(data)
+    model, _ = load_model_file(run / "model.pt", map_location=device)
+    model.eval()
+    pop = item_popularity(data, split)
+    L = cfg.data.max_seq_len
+    out: dict[str, Any] = {}
+    for name, u, p in (("valid", split.valid_users, split.valid_positions),
+                       ("test", split.test_users, split.test_positions)):
+        prefixes, _ = pad_prefixes(data, u, p, L)
+
+        def score(seq: torch.Tensor) -> torch.Tensor:
+            with autocast(torch.device(device), cfg.train.precision):
+                return model.scores(model(seq))
+
+        out[name] = evaluate_scorer(score, prefixes, gather_items(data, u, p), ks=cfg.eval.ks,
+                                    item_popularity=pop, mask_seen=cfg.eval.mask_seen,
+                                    batch_size=cfg.eval.batch_size, device=device).metrics
+    return out

@@ -13,34 +13,45 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Lt
 from torch import nn
 
 
 @dataclass
 class ModelConfig:
+    """The encoder's shape and regularisation: the one home of these defaults. The config
+    file's ``model`` section is derived from this class (``training/config.py``), so every
+    field but ``n_items`` and ``max_len`` (from the data) can be set there. The ``Annotated``
+    bounds are what the config file checks; ``__post_init__`` checks them here too."""
+
     n_items: int  # catalogue size, padding excluded (item ids are 1..n_items)
-    max_len: int = 50  # longest input prefix; longer prefixes keep their last max_len items
-    dim: int = 64  # hidden size; item embeddings are tied with the output layer
-    n_layers: int = 2  # transformer blocks
-    n_heads: int = 2  # attention heads; dim must divide evenly
-    inner: int = 256  # feed-forward width
-    dropout: float = 0.5  # on embeddings and residual branches (DuoRec on sparse data)
-    attn_dropout: float = 0.5  # on attention probabilities
-    activation: str = "gelu"  # "gelu" | "relu"
-    layer_norm_eps: float = 1e-12  # BERT-style post-LN epsilon
-    init_std: float = 0.02  # normal init for linear and embedding weights
+    max_len: int  # longest input prefix (data.max_seq_len); longer prefixes keep their last max_len items
+    dim: Annotated[int, Ge(1)] = 64  # hidden size; item embeddings are tied with the output layer
+    n_layers: Annotated[int, Ge(1)] = 2  # transformer blocks
+    n_heads: Annotated[int, Ge(1)] = 2  # attention heads; dim must divide evenly
+    inner: Annotated[int, Ge(1)] = 256  # feed-forward width
+    dropout: Annotated[float, Ge(0.0), Lt(1.0)] = 0.5  # on embeddings and residual branches (DuoRec on sparse data)
+    attn_dropout: Annotated[float, Ge(0.0), Lt(1.0)] = 0.5  # on attention probabilities
+    activation: Literal["gelu", "relu"] = "gelu"
+    layer_norm_eps: Annotated[float, Gt(0.0)] = 1e-12  # BERT-style post-LN epsilon
+    init_std: Annotated[float, Gt(0.0)] = 0.02  # normal init for linear and embedding weights
     # "absolute": learned position embeddings of the window's columns (SASRec/DuoRec);
     # "relative": no position embeddings, a learned per-head attention bias by distance (how
     # many items back a key is from the query); "both". The bias depends only on the query's
     # column minus the key's, so a causal pass still serves every prefix of its window.
-    position: str = "absolute"
+    position: Literal["absolute", "relative", "both"] = "absolute"
 
     def __post_init__(self) -> None:
-        if self.n_items < 1:
-            raise ValueError(f"n_items must be >= 1, got {self.n_items}")
+        for name in ("n_items", "max_len", "dim", "n_layers", "n_heads", "inner"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("layer_norm_eps", "init_std"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.activation not in ACTIVATIONS:
@@ -69,7 +80,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout. On CPU the mask comes from 16-bit random integers.
 
     PyTorch's CPU ``bernoulli_`` draws one random number per element and took a third of
-    a training step here (the issue's profile of RecBole says the same); slicing random
+    a training step here (a profile of RecBole's DuoRec showed the same); slicing random
     64-bit words into four 16-bit lanes gives the same mask distribution (p resolved to
     1/65536) about five times faster. On GPU the library kernel is already fast.
     """

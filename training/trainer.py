@@ -31,25 +31,24 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import distributed
-from training.batches import Batch, Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
-from training.config import RunConfig, dump_config
-from training.data import DataError, leave_one_out, pad_prefixes
+from training.atomic import append_jsonl, atomic_write_json
+from training.checkpoints import RunError, atomic_torch_save, load_model_file, save_model_file
+from training.config import RunConfig
+from training.data.batches import Batch, Plan, iterate_batches, prefix_plan, same_target_partners, window_plan
+from training.data.readers import DataError
+from training.data.sequences import gather_items, item_popularity, leave_one_out, pad_prefixes
+from training.data.source import load_run_data
 from training.ema import WeightAverage
 from training.evaluate import EvalResult, evaluate_scorer
-from training.io import append_jsonl, atomic_write_json
-from training.model import duorec_loss
-from training.run import (
-    RunError,
-    atomic_torch_save,
+from training.lifecycle import (
     autocast,
     build_model,
-    gather_items,
-    item_popularity,
-    load_model_file,
-    load_run_data,
+    epochs_after,
+    prepare_out_dir,
     resolve_device,
-    save_model_file,
+    run_trainer,
 )
+from training.model import duorec_loss
 from training.tracking import ScalarLog
 
 log = logging.getLogger(__name__)
@@ -79,9 +78,9 @@ class Trainer:
         self.out = Path(out_dir)
         self.resume = resume
         self.progress = progress  # None: tqdm decides (shown on a terminal)
-        self.start_epoch = 1
+        self.epochs_done = 0  # epochs are numbered from 1 (training/lifecycle.py)
         self.best_score = -math.inf
-        self.best_epoch = 0
+        self.best_epoch = 0  # 0: none yet
         self.bad_epochs = 0
         self.train_seconds = 0.0
 
@@ -104,7 +103,7 @@ class Trainer:
         if len(self.split.valid_users) == 0:
             raise DataError(f"{cfg.data.path}: no user has the 3 interactions needed for validation and test")
         if self.world.is_main:
-            self._prepare_out_dir()
+            prepare_out_dir(self.out, cfg, self.data.item_vocab, resume=self.resume)
 
         L = cfg.data.max_seq_len
         self.train_targets = gather_items(self.data, self.split.train_users, self.split.train_positions)
@@ -134,7 +133,6 @@ class Trainer:
         self.ddp = distributed.data_parallel(self.model, self.device)
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.forward = torch.compile(self.ddp, dynamic=True) if cfg.train.compile else self.ddp
         self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema else None
         if self.resume:
             self._load_checkpoint(self.out / "last.pt")
@@ -145,17 +143,6 @@ class Trainer:
         if self.world.size > 1:
             log.info("data-parallel: rank %d of %d on %s, %d examples per global batch", self.world.rank,
                      self.world.size, self.device, cfg.train.batch_size)
-
-    def _prepare_out_dir(self) -> None:
-        last = self.out / "last.pt"
-        if self.resume:
-            if not last.is_file():
-                raise RunError(f"--resume: no checkpoint at {last}")
-        elif self.out.exists() and any(self.out.iterdir()):
-            raise RunError(f"run directory {self.out} is not empty; pass --resume to continue it or choose a new --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.out / "config.yaml")
-        self.data.item_vocab.save(self.out / "items.json")
 
     # -------------------------------------------------------------- one epoch
 
@@ -169,9 +156,6 @@ class Trainer:
             cl = np.arange(len(rows))
         else:
             cl = np.flatnonzero(np.r_[rows[1:] != rows[:-1], True])  # rows are grouped per window
-        limit = self.cfg.loss.cl_batch
-        if self.cfg.loss.contrastive != "none" and limit is not None and len(cl) > limit:
-            cl = np.sort(self.rng.choice(cl, size=limit, replace=False))
         return cl
 
     def _views(self, batch: Batch, cl: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,7 +222,7 @@ class Trainer:
             n, m = len(batch.rows), len(cl)
             targets = targets_all[torch.from_numpy(batch.sample_index).to(self.device)]
             with autocast(self.device, cfg.train.precision):
-                out = self.forward(seq, rows, cols)  # (n + views * m, D)
+                out = self.ddp(seq, rows, cols)  # (n + views * m, D)
                 h = out[:n]
                 logits = self.model.scores(h)
             if cfg.loss.mask_seen:
@@ -309,7 +293,7 @@ class Trainer:
         """Plateau schedule (``train.lr_patience``): the rate lives in the optimizer's state, so
         ``--resume`` continues with the decayed rate."""
         every = self.cfg.train.lr_patience
-        if every is None or self.bad_epochs % every >= self.cfg.train.eval_every:
+        if every is None or self.bad_epochs % every:
             return
         for group in self.optimizer.param_groups:
             group["lr"] *= self.cfg.train.lr_decay
@@ -322,13 +306,13 @@ class Trainer:
         cfg = self.cfg
         began = time.perf_counter()
         deadline = began + cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
-        epoch = self.start_epoch - 1
-        for epoch in range(self.start_epoch, cfg.train.epochs + 1):
+        epoch = self.epochs_done
+        for epoch in epochs_after(self.epochs_done, cfg.train.epochs):
             stats = self.train_epoch(epoch)
             self.train_seconds += stats["seconds"]
             record: dict[str, Any] = {"epoch": epoch, "train": stats, "train_seconds_total": self.train_seconds}
             stop = False
-            if self.world.is_main and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
+            if self.world.is_main:
                 with self._averaged():
                     valid = self.evaluate("valid").metrics
                     record["valid"] = valid
@@ -339,7 +323,7 @@ class Trainer:
                 if improved:
                     self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
                 else:
-                    self.bad_epochs += cfg.train.eval_every
+                    self.bad_epochs += 1
                     self._maybe_decay_lr()
                 stop = self.bad_epochs >= cfg.train.patience
                 log.info("epoch %d  loss %.4f  %.1fs  valid NDCG@10 %.4f HR@10 %.4f  (best %.4f @ %d)",
@@ -430,7 +414,7 @@ class Trainer:
             if "ema" not in blob:
                 raise RunError(f"{path} was trained without train.ema; resume with the same config")
             self.ema.load_state_dict(blob["ema"])
-        self.start_epoch = int(blob["epoch"]) + 1
+        self.epochs_done = int(blob["epoch"])
         self.best_score = float(blob["best_score"])
         self.best_epoch = int(blob["best_epoch"])
         self.bad_epochs = int(blob["bad_epochs"])
@@ -441,13 +425,13 @@ class Trainer:
         else:
             log.warning("resuming with %d processes a run checkpointed with %d: dropout RNG streams restart",
                         self.world.size, len(rank_rngs) if rank_rngs else 1)
-            torch.manual_seed(self.cfg.train.seed + self.world.rank + 7919 * self.start_epoch)
+            torch.manual_seed(self.cfg.train.seed + self.world.rank + 7919 * (self.epochs_done + 1))
         self.rng.bit_generator.state = blob["numpy_rng"]
-        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+        log.info("resumed from %s after epoch %d", path, self.epochs_done)
 
     def cleanup(self) -> None:
-        """Drop the (possibly compiled) forward wrapper and the optimizer state; the files stay."""
-        self.forward = self.ddp = self.model
+        """Drop the forward wrapper and the optimizer state; the files stay."""
+        self.ddp = self.model
         self.optimizer.state.clear()
         self.scalars.close()
 
@@ -455,12 +439,4 @@ class Trainer:
 def run_training(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
                  progress: bool | None = None) -> dict[str, Any]:
     """Train in this process, or, started by torchrun, as one rank of a data-parallel run."""
-    with distributed.process_group(resolve_device(cfg.train.device)):
-        trainer = Trainer(cfg, out_dir, resume=resume, progress=progress)
-        trainer.setup()
-        try:
-            return trainer.train()
-        finally:
-            trainer.cleanup()
-
-
+    return run_trainer(Trainer, cfg, out_dir, resume=resume, progress=progress)

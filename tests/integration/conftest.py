@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import RA_MAX_LEN
 from training.config import load_config
+from training.data.synthetic import generate_interactions, write_inter
 from training.ra.config import load_retrieval_config
 from training.ra.runner import run_retrieval_stage
-from training.synthetic import generate_interactions, write_inter
 from training.trainer import run_training
-
-RA_MAX_LEN = 10
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,17 +18,20 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
 from app.deps import get_batcher
 from app.engine import Engine, MicroBatcher, Query
 from app.main import create_app
 from app.settings import Settings
+from tests.support import LiveServer, client_for
+from training.checkpoints import load_model_file
 from training.config import load_config
-from training.data import Vocabulary, read_interactions
-from training.run import load_model_file
-from training.synthetic import generate_interactions, write_inter
+from training.data.readers import read_interactions
+from training.data.sequences import Vocabulary
+from training.data.synthetic import generate_interactions, write_inter
 from training.trainer import run_training
+
+pytestmark = pytest.mark.slow  # a trained run served by uvicorn, once per store
 
 MAX_LEN = 10  # the tiny model's input length, and so the stored history cap
 MAX_BODY = 16 * 1024
@@ -52,45 +53,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "run"
     run_training(cfg, out, progress=False)
     return out
-
-
-class LiveServer:
-    """uvicorn serving an app on a free loopback port, in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    ws="none", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start (see the log above)")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-def _no_server_errors(response: httpx.Response) -> None:
-    # 503 is the store-down answer; any other 5xx is a bug at the edge
-    assert response.status_code < 500 or response.status_code == 503, response.read()
-
-
-def client_for(server: LiveServer) -> httpx.Client:
-    return httpx.Client(base_url=server.url, timeout=10, event_hooks={"response": [_no_server_errors]})
 
 
 def settings_for(run_dir: Path, **kw: Any) -> Settings:

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from training.synthetic import generate_interactions, write_inter
+from training.data.synthetic import generate_interactions, write_inter
+
+pytestmark = pytest.mark.slow  # each case starts the ragrec command in a new process
 
 
 def ragrec(*args, cwd=None):

@@ -335,6 +335,7 @@ def _image_present(tag: str) -> bool:
 
 
 @pytest.mark.skipif(not _image_present("ragrec:cpu"), reason="no Docker engine or no ragrec:cpu image (make stack-smoke builds it)")
+@pytest.mark.slow
 def test_image_runs_as_non_root_and_refuses_a_missing_run():
     """The built image: a non-root user, and a missing trained volume is one line naming the file."""
     res = subprocess.run(["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 
 from app.main import create_app
 from app.settings import Settings
-from tests.integration.test_api import LiveServer
+from tests.support import LiveServer
 
 EXAMPLES = 100  # per operation: the schema has 14, so well over 1,000 requests in all
 

@@ -14,7 +14,9 @@ import pytest
 from app.main import create_app
 from app.schemas import BatchRecommendResponse, RecommendResponse
 from app.settings import Settings
-from training.data import Vocabulary
+from training.data.sequences import Vocabulary
+
+pytestmark = pytest.mark.slow  # a retrieval run trained (session fixture) and its app started
 
 
 def _answers(ra_run: Path, index_dir: Path, requests: list[tuple[str, dict]]) -> list[httpx.Response]:

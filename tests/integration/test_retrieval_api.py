@@ -22,11 +22,14 @@ import torch
 from app.main import create_app
 from app.store import RedisStore
 from retriever import ArtifactStore
-from tests.integration.conftest import RA_MAX_LEN as MAX_LEN
-from tests.integration.test_api import LiveServer, client_for
+from tests.support import RA_MAX_LEN as MAX_LEN
+from tests.support import LiveServer, client_for
 from training.config import load_config
-from training.data import Vocabulary, pad_prefixes, read_interactions
+from training.data.readers import read_interactions
+from training.data.sequences import Vocabulary, pad_prefixes
 from training.ra.bundle import load_bundle
+
+pytestmark = pytest.mark.slow  # retrieval runs trained and served by uvicorn
 
 ADMIN = {"X-API-Key": "admin-key"}
 

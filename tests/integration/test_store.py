@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from app.store import Event, MemoryStore, RedisStore, Store, StoreUnavailable, make_store
+from tests.support import FakeClock, wait_until
 
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -22,8 +23,14 @@ def run() -> Iterator[Run]:
         yield runner.run
 
 
+@pytest.fixture
+def clock() -> FakeClock:
+    """The in-process store's clock; Redis keeps its own time (see ``let_expire``)."""
+    return FakeClock()
+
+
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def open_store(request: pytest.FixtureRequest, run: Run) -> Iterator[Callable[..., Store]]:
+def open_store(request: pytest.FixtureRequest, run: Run, clock: FakeClock) -> Iterator[Callable[..., Store]]:
     """Factory for stores of the parametrised backend; all are closed after the test."""
     opened: list[Store] = []
 
@@ -32,7 +39,7 @@ def open_store(request: pytest.FixtureRequest, run: Run) -> Iterator[Callable[..
             url = request.getfixturevalue("redis_server").url
             store: Store = RedisStore.from_url(url, prefix=f"test-{uuid.uuid4().hex}", **kw)
         else:
-            store = MemoryStore(**kw)
+            store = MemoryStore(clock=clock, **kw)
         opened.append(store)
         return store
 
@@ -48,6 +55,14 @@ def store(open_store: Callable[..., Store]) -> Store:
 
 def ev(user: str, item: str, ts: float) -> Event:
     return Event(user, item, ts)
+
+
+def let_expire(store: Store, clock: FakeClock, seconds: float, expired: Callable[[], bool]) -> None:
+    """Let ``seconds`` pass for the store: the in-process store's clock jumps; Redis expires
+    keys on its own clock, so wait (up to 10 s, no fixed margin) until ``expired()`` holds."""
+    if isinstance(store, MemoryStore):
+        clock.advance(seconds)
+    assert wait_until(expired), "the entry did not expire"
 
 
 def test_history_in_time_order_with_ties_in_arrival_order(store: Store, run: Run) -> None:
@@ -110,7 +125,7 @@ def test_concurrent_appends_for_one_user_lose_nothing(store: Store, run: Run) ->
     assert run(store.history("hot")) == expected
 
 
-def test_cache_keyed_by_index_version_and_expires(store: Store, run: Run) -> None:
+def test_cache_keyed_by_index_version_and_expires(store: Store, run: Run, clock: FakeClock) -> None:
     run(store.cache_set("rec:u1", "v1", b"\x00payload", ttl_s=0.3))
     assert run(store.cache_get("rec:u1", "v1")) == b"\x00payload"
     assert run(store.cache_get("rec:u1", "v2")) is None
@@ -118,8 +133,10 @@ def test_cache_keyed_by_index_version_and_expires(store: Store, run: Run) -> Non
     assert run(store.cache_get("u1", "v1:rec")) is None  # no confusion when names contain separators
     run(store.cache_set("rec:u1", "v2", b"fresh", ttl_s=30))
     assert run(store.cache_get("rec:u1", "v1")) == b"\x00payload"
-    time.sleep(0.4)
-    assert run(store.cache_get("rec:u1", "v1")) is None
+    if isinstance(store, MemoryStore):
+        clock.advance(0.29)  # not yet
+        assert run(store.cache_get("rec:u1", "v1")) == b"\x00payload"
+    let_expire(store, clock, 0.02, lambda: run(store.cache_get("rec:u1", "v1")) is None)
     assert run(store.cache_get("rec:u1", "v2")) == b"fresh"
 
 
@@ -135,16 +152,17 @@ def test_lock_exclusive_and_owner_only(store: Store, run: Run) -> None:
     assert run(store.acquire_lock("rebuild", "b", ttl_s=30))
 
 
-def test_lock_expires_unless_extended(store: Store, run: Run) -> None:
+def test_lock_expires_unless_extended(store: Store, run: Run, clock: FakeClock) -> None:
     assert run(store.acquire_lock("expiring", "a", ttl_s=0.2))
     assert run(store.acquire_lock("extended", "a", ttl_s=0.2))
-    time.sleep(0.1)
-    assert run(store.extend_lock("extended", "a", ttl_s=5))
-    time.sleep(0.2)
-    assert not run(store.extend_lock("expiring", "a", ttl_s=5))
+    assert run(store.extend_lock("extended", "a", ttl_s=30))
+    if isinstance(store, MemoryStore):
+        clock.advance(0.19)  # not yet: another owner is refused
+        assert not run(store.acquire_lock("expiring", "b", ttl_s=30))
+    let_expire(store, clock, 0.02, lambda: run(store.acquire_lock("expiring", "b", ttl_s=30)))
+    assert not run(store.extend_lock("expiring", "a", ttl_s=5))  # a's lock is gone, b holds it now
     assert not run(store.release_lock("expiring", "a"))
-    assert run(store.acquire_lock("expiring", "b", ttl_s=5))
-    assert not run(store.acquire_lock("extended", "b", ttl_s=5))
+    assert not run(store.acquire_lock("extended", "b", ttl_s=5))  # the extended lock is still a's
 
 
 def test_index_version_round_trip(store: Store, run: Run) -> None:

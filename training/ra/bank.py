@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from retriever import MemoryBank
-from training.data import SequenceData, Split, flatten
-from training.ra_bank import encode_prefixes
+from training.data.sequences import SequenceData, Split, flatten
+from training.ra.encode import encode_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,34 @@ class FrozenBank:
         return self.next_items[:, 0]
 
 
-def bank_entries(data: SequenceData, split: Split, which: str) -> tuple[np.ndarray, np.ndarray]:
+def bank_entries(data: SequenceData, split: Split, which: str, *,
+                 train_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(users, positions) of every example a bank for split ``which`` holds: training
-    examples, plus validation examples for the test bank."""
+    examples, plus validation examples for the test bank (training ones first).
+
+    train_ids: the training examples (indices into ``split.train_*``) the bank holds; None =
+    all of them. The fine-tuning stage passes the ones it keeps (``ra.bank_min_prefix``,
+    evictions: ``training/ra/finetune/entries.py``); the rule is the same either way.
+    """
     users, positions = split.train_users, split.train_positions
+    if train_ids is not None:
+        users, positions = users[train_ids], positions[train_ids]
     if which == "test":
         users = np.concatenate([users, split.valid_users])
         positions = np.concatenate([positions, split.valid_positions])
     keep = positions >= 1
     return users[keep].astype(np.int64), positions[keep].astype(np.int64)
+
+
+def check_entries(data: SequenceData, split: Split, which: str, users: np.ndarray, positions: np.ndarray) -> None:
+    """Refuse a bank for split ``which`` holding an entry past its user's ``split_limits``
+    (that entry's item is the held-out target or later). The banks built here obey the rule
+    by construction; this is the check a hand-built bank must pass before it evaluates."""
+    over = positions > split_limits(data, split, which)[users]
+    if over.any():
+        j = int(np.flatnonzero(over)[0])
+        raise BankRuleError(f"the {which} bank leaks: {int(over.sum())} entries past their user's {which} limit "
+                            f"(first: user row {users[j]}, position {positions[j]})")
 
 
 def next_items_of(data: SequenceData | Sequence[np.ndarray], users: np.ndarray, positions: np.ndarray,

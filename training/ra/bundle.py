@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.checkpoints import MODEL_FORMAT, RunError
 from training.model import ModelConfig, SequenceEncoder
 from training.ra.bank import unit_keys
+from training.ra.encode import encode_prefixes
 from training.ra.keys import KeyProjection
 from training.ra.module import RetrievalHead, freeze
 from training.ra.vote import VoteSettings, vote, vote_distribution
-from training.ra_bank import encode_prefixes
-from training.run import MODEL_FORMAT, RunError
 
 RETRIEVAL_FORMAT = "ragrec.retrieval.v1"
 

@@ -96,7 +96,7 @@ def evaluate(preps: list[st.Prepared], sec: RetrievalSection, state: dict, which
 
 
 def flat(res: dict) -> dict:
-    """The issue's field layout for one split: with / without / ratio / CI (masked)."""
+    """The metrics.json layout for one split: with / without / ratio / CI (masked)."""
     m = res["masked"]
     return {"with": {k: m["with"][k] for k in ("NDCG@10", "HR@10")},
             "without": {k: m["without"][k] for k in ("NDCG@10", "HR@10")},

@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from training.io import atomic_write_json, atomic_write_text
+from training.atomic import atomic_write_json, atomic_write_text
+from training.checkpoints import RunError, atomic_torch_save, require_finished_run
 from training.model import model_checksum
 from training.ra import stage as st
 from training.ra.bank import BankRuleError
@@ -31,7 +32,6 @@ from training.ra.bundle import RetrievalBundle
 from training.ra.config import RetrievalConfig
 from training.ra.fit import evaluate, fit_design, flat, flat_unmasked
 from training.ra.keys import fit_keys, neighbour_recall
-from training.run import RunError, atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ def run_retrieval_stage(cfg: RetrievalConfig, out: str | Path) -> dict[str, Any]
     out = Path(out)
     base = Path(sec.base)
     start = time.perf_counter()
-    if not (base / "metrics.json").is_file():
-        raise RunError(f"retrieval.base: {base} is not a finished base run (no metrics.json); train it first")
+    require_finished_run(base, what="retrieval.base")
     if out.resolve() == base.resolve():
         raise RunError("--out must differ from retrieval.base: the base run stays untouched")
     try:

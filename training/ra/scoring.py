@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.data import SequenceData
+from training.data.sequences import SequenceData
 from training.evaluate import metrics_from_ranks, ndcg_at, paired_bootstrap
 
 KS = [5, 10, 20]

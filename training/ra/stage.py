@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.checkpoints import RunError, load_model_file, require_finished_run
 from training.config import load_config
-from training.data import SequenceData, Split, Vocabulary, leave_one_out, pad_prefixes
+from training.data.sequences import SequenceData, Split, Vocabulary, leave_one_out, pad_prefixes
+from training.data.source import load_run_data
 from training.evaluate import ndcg_at
 from training.ra import bank as bk
+from training.ra.encode import encode_prefixes
 from training.ra.module import LayerAdapters, RetrievalHead, ce_loss, freeze, kl_term
 from training.ra.scoring import seen_mask, target_ranks
 from training.ra.vote import VoteSettings, vote, vote_distribution
-from training.ra_bank import encode_prefixes
-from training.run import RunError, load_model_file, load_run_data
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ class Prepared:
 
 def load_base(run_dir: str | Path):
     """The base run's frozen encoder, config, data and split; refuses an unfinished run."""
-    run = Path(run_dir)
-    for name in ("config.yaml", "model.pt", "items.json"):
-        if not (run / name).is_file():
-            raise RunError(f"{run} is not a finished base run: {name} is missing")
+    run = require_finished_run(run_dir, what="base run")
     cfg = load_config(run / "config.yaml")
     if cfg.ra.enabled:
         raise RunError(f"{run} is a retrieval-stage run; the base must be a DuoRec run")
@@ -194,27 +192,30 @@ def vote_scores(prep: Prepared, which: str, s: VoteSettings, logits: torch.Tenso
 
 @dataclass
 class HeadSettings:
-    fusion: str = "fixed"
-    alpha: float = 0.5
-    k: int = 20
-    n_layers: int = 2
-    n_heads: int = 2
-    dropout: float = 0.1
-    epochs: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 512
-    patience: int = 3
-    kl_weight: float = 0.0
-    kl_direction: str = "forward"
-    vote_channel: bool = False  # add w · log p_kNN to the scores (w learned)
-    copy_items: bool = False  # mix in a copy of the neighbours' next items by the reader's attention (learned gate)
-    vote: VoteSettings = field(default_factory=VoteSettings)
-    mask_seen_in_loss: bool = True  # the query's own items leave the training softmax
-    multi_layer: bool = False  # fuse inside every frozen block (LayerAdapters)
-    samples_per_epoch: int | None = None  # None: every training query each epoch
-    lr_schedule: str = "cosine"  # "cosine": decay to 0 over the planned epochs; "constant"
-    seed: int = 0
+    """What ``train_head`` needs; built by ``RetrievalSection.head_settings`` (training/ra/config.py),
+    where every default and its meaning live."""
+
+    fusion: str
+    alpha: float
+    k: int
+    n_layers: int
+    n_heads: int
+    dropout: float
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    patience: int
+    kl_weight: float
+    kl_direction: str
+    vote_channel: bool
+    copy_items: bool
+    vote: VoteSettings
+    mask_seen_in_loss: bool
+    multi_layer: bool
+    samples_per_epoch: int | None
+    lr_schedule: str
+    seed: int
 
 
 def _neighbour_tensors(prep: Prepared, which: str, rows: np.ndarray, k: int):

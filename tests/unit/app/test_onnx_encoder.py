@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 from app.engine import Engine, Query
 from app.onnx_encoder import OnnxEncoder
-from training.data import Vocabulary
+from training.data.sequences import Vocabulary
 from training.model import ModelConfig, SequenceEncoder
 
 

@@ -5,8 +5,6 @@ bench/serve_load.py's CPU pinning plan and per-request CPU arithmetic."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,17 +14,12 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[3] / "bench"
+from tests.support import bench_module
 
 
 @pytest.fixture(scope="module")
 def loadgen() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("serve_loadgen", BENCH / "serve_loadgen.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_loadgen"] = module  # the dataclass machinery looks its module up here
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("serve_loadgen")
 
 
 def test_percentile_matches_numpy(loadgen: ModuleType) -> None:
@@ -147,15 +140,9 @@ def test_open_loop_worker_sends_its_schedule(loadgen: ModuleType, http_server: s
 
 @pytest.fixture(scope="module")
 def serve_load(loadgen: ModuleType) -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # serve_load imports its siblings by name, as when run as a script
-    try:
-        spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    # serve_load imports its siblings by name, as when run as a script: they are registered first
+    bench_module("serve_procs")
+    return bench_module("serve_load")
 
 
 def test_pin_plan_splits_the_cpus_or_says_why_not(serve_load: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:

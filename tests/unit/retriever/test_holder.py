@@ -52,6 +52,7 @@ def test_empty_holder_says_so():
         BankHolder().search(X[:1], 1)
 
 
+@pytest.mark.slow
 def test_load_test_four_searchers_twenty_swaps(tmp_path):
     """4 threads search non-stop while 20 new versions are saved, loaded, validated and swapped in:
     no errors, and every answer is whole and comes from the bank its version names."""

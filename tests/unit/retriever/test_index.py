@@ -89,7 +89,7 @@ def test_concurrent_searches_with_different_nprobe_agree_with_sequential():
 
 
 @pytest.mark.parametrize(
-    "kind", ["ivf_flat", pytest.param("ivf_pq", marks=pytest.mark.slow), pytest.param("hnsw", marks=pytest.mark.slow)]
+    "kind", [pytest.param(k, marks=pytest.mark.slow) for k in ("ivf_flat", "ivf_pq", "hnsw")]  # 100k vectors each
 )
 def test_approximate_kinds_reach_recall_on_100k(kind, data_100k, brute_force, recall_at):
     """recall@10 >= 0.95 at the auto-chosen parameters, against numpy brute force."""
@@ -104,6 +104,7 @@ def test_approximate_kinds_reach_recall_on_100k(kind, data_100k, brute_force, re
     assert recall_at(result.I, I_true) >= 0.95, bank.index.params
 
 
+@pytest.mark.slow
 def test_ivf_pq_without_refine_is_approximate_but_close(data_100k, brute_force, recall_at):
     x, q = data_100k
     built = ix.build_index(x[:20_000], ix.IndexSpec(kind="ivf_pq", refine=1, target_recall=0.5))

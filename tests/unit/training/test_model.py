@@ -82,11 +82,11 @@ def test_recency_bias_is_used_and_trained_through_the_dropout_path():
 
 def test_bad_settings_raise_with_value():
     with pytest.raises(ValueError, match="n_heads=3"):
-        ModelConfig(n_items=5, dim=16, n_heads=3)
+        ModelConfig(n_items=5, max_len=10, dim=16, n_heads=3)
     with pytest.raises(ValueError, match="dropout"):
-        ModelConfig(n_items=5, dropout=1.0)
+        ModelConfig(n_items=5, max_len=10, dropout=1.0)
     with pytest.raises(ValueError, match="position"):
-        ModelConfig(n_items=5, position="rotary")
+        ModelConfig(n_items=5, max_len=10, position="rotary")
     model = tiny()
     with pytest.raises(ValueError, match="exceeds max_len"):
         model(torch.ones(1, 9, dtype=torch.long))

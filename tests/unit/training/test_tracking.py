@@ -3,7 +3,7 @@ import json
 import pytest
 
 from training.config import load_config
-from training.synthetic import generate_interactions, write_inter
+from training.data.synthetic import generate_interactions, write_inter
 from training.tracking import ScalarLog, flatten_scalars, tensorboard_available
 from training.trainer import run_training
 
@@ -43,6 +43,7 @@ def test_scalars_round_trip(tmp_path):
 
 
 @needs_tensorboard
+@pytest.mark.slow
 def test_trainer_writes_the_metrics_jsonl_numbers_to_tensorboard(tmp_path):
     path = tmp_path / "syn.inter"
     write_inter(generate_interactions(60, 40, mean_length=10, seed=2), path)

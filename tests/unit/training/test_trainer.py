@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from training.checkpoints import RunError
 from training.config import load_config
+from training.data.synthetic import generate_interactions, write_inter
+from training.evaluate import evaluate_run
 from training.model import ModelConfig, SequenceEncoder
-from training.run import RunError, evaluate_run
-from training.synthetic import generate_interactions, write_inter
 from training.trainer import Trainer, run_training
+
+pytestmark = pytest.mark.slow  # every case trains
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +94,17 @@ def test_refuses_non_empty_out_dir_and_missing_resume(tmp_path, inter_path):
         Trainer(tiny_cfg(inter_path), tmp_path / "fresh", resume=True).setup()
 
 
+@pytest.mark.parametrize(("optimizer", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_optimizer_and_weight_decay_come_from_the_config(tmp_path, inter_path, optimizer, cls):
+    trainer = Trainer(tiny_cfg(inter_path, f"train.optimizer={optimizer}", "train.weight_decay=0.05"), tmp_path / "o")
+    trainer.setup()
+    try:
+        assert type(trainer.optimizer) is cls
+        assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05]
+    finally:
+        trainer.cleanup()
+
+
 def test_window_mode_trains(tmp_path, inter_path):
     result = run_training(tiny_cfg(inter_path, "train.mode=window", "loss.contrastive=us"), tmp_path / "w",
                           progress=False)
@@ -135,7 +149,7 @@ def test_seen_in_input_masks_each_examples_own_window_but_never_its_target():
     import numpy as np
     import torch
 
-    from training.batches import Batch
+    from training.data.batches import Batch
     from training.trainer import seen_in_input
 
     windows = np.array([[3, 1, 4, 0], [2, 2, 5, 6]])
@@ -151,7 +165,7 @@ def test_seen_in_input_masks_each_examples_own_window_but_never_its_target():
 
 def test_mask_seen_trains(tmp_path):
     from training.config import load_config
-    from training.synthetic import generate_interactions, write_inter
+    from training.data.synthetic import generate_interactions, write_inter
     from training.trainer import run_training
 
     data = tmp_path / "s.inter"

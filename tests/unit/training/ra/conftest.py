@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from training.config import load_config
-from training.synthetic import generate_interactions, write_inter
+from training.data.synthetic import generate_interactions, write_inter
 from training.trainer import run_training
 
 

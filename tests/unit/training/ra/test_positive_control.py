@@ -15,12 +15,15 @@ import pytest
 import torch
 
 from training.config import load_config
+from training.data.synthetic import generate_trails, write_inter
 from training.evaluate import ndcg_at
 from training.ra import stage as st
+from training.ra.config import RetrievalSection
 from training.ra.scoring import target_ranks
 from training.ra.vote import VoteSettings
-from training.synthetic import generate_trails, write_inter
 from training.trainer import run_training
+
+pytestmark = pytest.mark.slow  # trains a base and a head on planted trails
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,8 @@ def test_vote_beats_the_frozen_base_on_trails(trails_base):
 def test_learned_head_beats_the_frozen_base_on_trails(trails_base):
     prep = trails_base
     base = _test_ndcg(prep, prep.base_logits(prep.test))
-    head, history = st.train_head(prep, st.HeadSettings(k=10, epochs=4, patience=4, lr=3e-3, batch_size=128, copy_items=True))
+    head, history = st.train_head(prep, RetrievalSection(head={"k": 10, "epochs": 4, "patience": 4, "lr": 3e-3, "batch_size": 128,
+                                                        "copy_items": True}).head_settings())
     assert len(history) >= 1 and np.isfinite(history[0]["loss"])
     got = _test_ndcg(prep, head.scores("test"))
     print(f"trails: head {got:.4f} vs base {base:.4f}")

@@ -9,11 +9,13 @@ import shutil
 import pytest
 import torch
 
+from training.checkpoints import RunError, load_model_file, save_model_file
 from training.config import ConfigError
 from training.ra.bundle import load_bundle
 from training.ra.config import load_retrieval_config
 from training.ra.runner import run_retrieval_stage
-from training.run import RunError, load_model_file, save_model_file
+
+pytestmark = pytest.mark.slow  # every case fits the retrieval stage
 
 
 def _cfg(base, **section):
@@ -35,7 +37,7 @@ def test_bad_input_is_refused_before_the_run_directory_is_touched(tiny_base, tmp
     unfinished = tmp_path / "unfinished"
     shutil.copytree(tiny_base, unfinished)
     (unfinished / "metrics.json").unlink()
-    with pytest.raises(RunError, match="not a finished base run"):
+    with pytest.raises(RunError, match=r"retrieval\.base: .*unfinished is not a finished run: metrics\.json is missing"):
         run_retrieval_stage(_cfg(unfinished), out)
     with pytest.raises(RunError, match="larger than"):
         run_retrieval_stage(load_retrieval_config(raw={"retrieval": {"base": str(tiny_base), "k_search": 10**6,
