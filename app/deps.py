@@ -13,7 +13,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
-from app.engine import Engine, MicroBatcher
+from app.batcher import MicroBatcher
+from app.engine import Engine
 from app.jobs import Jobs
 from app.middleware import ServiceMetrics
 from app.settings import Settings

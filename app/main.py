@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
+from app.batcher import MicroBatcher
 from app.docs import install_docs
-from app.engine import Engine, MicroBatcher
+from app.engine import Engine
 from app.index import IndexManager
 from app.jobs import Jobs, RebuildBusy
 from app.middleware import (

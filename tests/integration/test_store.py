@@ -256,3 +256,21 @@ def test_redis_down_fails_fast_then_recovers(private_redis_server: Any, run: Run
         assert run(store.history("u")) == [("c", 3.0)]
     finally:
         run(store.close())
+
+
+def test_memory_cache_stays_bounded_evicting_expired_then_oldest(run: Run, clock: FakeClock) -> None:
+    """MemoryStore's answer cache at its size limit: expired entries go first, then the oldest live
+    ones; every insert keeps it at the limit (and costs O(1): it no longer rescans the whole cache)."""
+    store = MemoryStore(clock=clock, max_cache_entries=4)
+    for i in range(4):
+        run(store.cache_set(f"k{i}", "v1", b"x", 10.0))
+        clock.advance(1.0)
+    run(store.cache_set("k4", "v1", b"x", 10.0))  # full: the oldest live entry (k0) makes room
+    assert [run(store.cache_get(f"k{i}", "v1")) for i in range(5)] == [None, b"x", b"x", b"x", b"x"]
+    clock.advance(8.5)  # k1 (written at t=1) and k2 (t=2) have expired by t=12.5
+    run(store.cache_set("k5", "v1", b"y", 10.0))
+    assert run(store.cache_get("k5", "v1")) == b"y" and run(store.cache_get("k3", "v1")) == b"x"
+    for i in range(6, 1006):  # a long stream into a full cache keeps the newest 4
+        run(store.cache_set(f"k{i}", "v1", b"z", 10.0))
+    kept = [i for i in range(1006) if run(store.cache_get(f"k{i}", "v1")) is not None]
+    assert kept == [1002, 1003, 1004, 1005]
