@@ -33,7 +33,6 @@ from app.middleware import (
 from app.routes import evaluate, events, health, index, jobs, recommend, users
 from app.settings import Settings
 from app.store import Store, StoreUnavailable, make_store
-from retriever.index import set_search_threads
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +82,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: ServiceMetrics = app.state.metrics
     torch.set_num_threads(settings.torch_threads)
-    set_search_threads(settings.torch_threads)
     engine = await asyncio.to_thread(Engine.from_run_dir, settings.run_dir, device=settings.device,
                                      histories=settings.training_histories, inference=settings.inference)
     engine.on_stage = metrics.observe_stage

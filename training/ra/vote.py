@@ -86,18 +86,14 @@ def _mix(logits: np.ndarray, p: np.ndarray, lam: np.ndarray | np.float32, T: flo
 
 
 def vote_distribution(D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor, n_items: int, *,
-                      tau: float, decay: float, seen: np.ndarray | torch.Tensor | None = None,
-                      raw: np.ndarray | None = None) -> torch.Tensor:
+                      tau: float, decay: float, seen: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """(Q, N) float32 p_kNN; rows with no visible vote are all zero.
 
     D: (Q, K) similarities (-inf for missing); items: (Q, K, m) visible item ids (0 = none);
-    seen: (Q, N) bool items to zero (the query's own history). raw: ``vote_weights`` of these
-    arguments when the caller already has them.
+    seen: (Q, N) bool items to zero (the query's own history).
     """
     items = _numpy(items, np.int64)
-    if raw is None:
-        raw = vote_weights(D, items, tau=tau, decay=decay, seen=seen)
-    return torch.from_numpy(_distribution(items, raw, n_items))
+    return torch.from_numpy(_distribution(items, vote_weights(D, items, tau=tau, decay=decay, seen=seen), n_items))
 
 
 def confidence_lambda(D: np.ndarray | torch.Tensor, s: VoteSettings) -> torch.Tensor:
