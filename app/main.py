@@ -112,7 +112,8 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (recommend, events, users, index, evaluate, jobs, health):
         app.include_router(module.router)
     install_error_handlers(app)
-    app.add_middleware(InternalErrorMiddleware)  # added first: innermost, next to the routes
+    app.add_middleware(recommend.FastRecommend)  # added first: innermost, next to the routes
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # added last: outermost
     return app

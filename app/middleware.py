@@ -92,6 +92,21 @@ def _json_response(status: int, detail: str) -> tuple[dict[str, Any], bytes]:
     return start, body
 
 
+def replay(body: bytes, receive: Any) -> Any:
+    """An ASGI ``receive`` that gives the app ``body`` (already read) as one message, then waits on
+    the real one (for the disconnect, as the server would)."""
+    replayed = False
+
+    async def receive_again() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
+
+
 class MetricsMiddleware:
     """Pure ASGI (no response buffering): counts every answer, including 413s and 500s."""
 
@@ -158,16 +173,7 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as the server would
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay(b"".join(chunks), receive), send)
 
 
 class InternalErrorMiddleware:
