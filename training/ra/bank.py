@@ -164,13 +164,14 @@ def build_bank(encoder, data: SequenceData, split: Split, which: str, *, m_max: 
     return FrozenBank(users, positions, h, keys, center, items, pos, limits, which, index)
 
 
-def unit_keys(h: torch.Tensor, center: torch.Tensor, proj: torch.nn.Module | None = None) -> np.ndarray:
+def unit_keys(h: torch.Tensor, center: torch.Tensor | np.ndarray, proj: torch.nn.Module | None = None) -> np.ndarray:
     """normalize(proj(h - center)) as float32 (M, D): post-LN representations share one large
     direction (mean pairwise cosine ~0.99), so uncentred every entry looks alike. Without a
     projection it is plain numpy: a served request computes one key, and torch's per-call
-    overhead would be most of its cost."""
+    overhead would be most of its cost (the service passes the center as a float32 array)."""
     if proj is None:
-        x = h.detach().float().cpu().numpy() - center.detach().float().cpu().numpy()
+        c = center if isinstance(center, np.ndarray) else center.detach().float().cpu().numpy()
+        x = h.detach().float().cpu().numpy() - c
     else:
         with torch.no_grad():
             x = torch.cat([proj(part) for part in (h.float() - center).split(8192)]).numpy()

@@ -51,6 +51,7 @@ class RetrievalBundle:
         self.own_user = settings["own_user"]
         self.vote = vote
         self.center = center.float()
+        self._center_np = self.center.detach().cpu().numpy()  # per-request keys are computed in numpy
         self.head = None if head is None else freeze(head)
         self.proj = None if proj is None else freeze(proj)
         self.metrics = metrics or {}
@@ -70,7 +71,7 @@ class RetrievalBundle:
     # -------------------------------------------------------------- bank entries
 
     def keys_of(self, h: torch.Tensor) -> np.ndarray:
-        return unit_keys(h, self.center, self.proj)
+        return unit_keys(h, self._center_np if self.proj is None else self.center, self.proj)
 
     @torch.no_grad()
     def encode(self, sequences: Sequence[np.ndarray], rows: np.ndarray, positions: np.ndarray, *,
