@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from training.ra.bundle import RetrievalBundle, Scored
 
 logger = logging.getLogger(__name__)
+_NO_IDS = np.zeros(0, dtype=np.int64)
+_NO_IDS.flags.writeable = False  # shared: nobody may write into it
 
 
 @dataclass(frozen=True)
@@ -180,9 +182,13 @@ class Engine:
 
     def _known_ids(self, tokens: list[str]) -> tuple[np.ndarray, list[str]]:
         """(ids > 0 in order, unknown tokens deduplicated). The padding token counts as unknown."""
-        ids = self.vocab.ids(tokens) if tokens else np.zeros(0, dtype=np.int64)
-        unknown = list(dict.fromkeys(t for t, i in zip(tokens, ids, strict=True) if i <= 0))
-        return ids[ids > 0], unknown
+        if not tokens:
+            return _NO_IDS, []
+        ids = self.vocab.ids(tokens)
+        known = ids > 0
+        if known.all():  # the usual case
+            return ids, []
+        return ids[known], list(dict.fromkeys(t for t, i in zip(tokens, ids, strict=True) if i <= 0))
 
     def sequence_ids(self, user_id: str | None, items: list[str]) -> tuple[np.ndarray, list[str]]:
         """The user's training-data history followed by ``items``' known ids; and the unknown items."""
@@ -216,30 +222,30 @@ class Engine:
         extras: dict[int, dict] = {}  # (B, n_items) scores; cold rows keep the popularity
         if warm:
             width = max(len(seqs[i]) for i in warm)
-            batch = torch.zeros(len(warm), width, dtype=torch.int64)  # (B', L), left-aligned
+            batch = np.zeros((len(warm), width), dtype=np.int64)  # (B', L), left-aligned
             for row, i in enumerate(warm):
-                batch[row, : len(seqs[i])] = torch.from_numpy(seqs[i])
-            with torch.inference_mode():
-                start = time.perf_counter()
-                if self.onnx is not None:
-                    h, logits = (torch.from_numpy(x) for x in self.onnx(batch.numpy()))  # (B', D), (B', n_items)
-                else:
-                    h = self.model(batch.to(self.device))  # (B', D)
-                    logits = self.model.scores(h)  # (B', n_items)
-                self._timed("model", start)
-                extras = self._retrieve(queries, warm, [fulls[i] for i in warm], h, logits)
-            if scores is None:
-                scores = logits.float().cpu()
+                batch[row, : len(seqs[i])] = seqs[i]
+            start = time.perf_counter()
+            if self.onnx is not None:  # numpy in and out (wrapped, not copied)
+                h, logits = (torch.from_numpy(x) for x in self.onnx(batch))  # (B', D), (B', n_items)
             else:
-                scores[warm] = logits.float().cpu()
+                with torch.inference_mode():
+                    h = self.model(torch.from_numpy(batch).to(self.device))  # (B', D)
+                    logits = self.model.scores(h).float().cpu()  # (B', n_items)
+                h, logits = h.clone(), logits.clone()  # plain tensors again: written in place below
+            self._timed("model", start)
+            extras = self._retrieve(queries, warm, [fulls[i] for i in warm], h, logits)
+            if scores is None:
+                scores = logits
+            else:
+                scores[warm] = logits
         assert scores is not None
 
         rows = np.repeat(np.arange(len(excluded)), [len(e) for e in excluded])
         k_max = min(max(q.k for q in queries), self.n_items)
-        with torch.inference_mode():  # scores may be the model's output, an inference tensor
-            if len(rows):  # one indexed write for the whole batch; column j is item id j + 1
-                scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(excluded) - 1)] = -torch.inf
-            top_scores, top_cols = torch.topk(scores, k_max, dim=1)  # (B, k_max)
+        if len(rows):  # one indexed write for the whole batch, on the tensor's memory; column j is item id j + 1
+            scores.numpy()[rows, np.concatenate(excluded) - 1] = -np.inf
+        top_scores, top_cols = torch.topk(scores, k_max, dim=1)  # (B, k_max)
         top_scores, top_ids = top_scores.numpy(), top_cols.numpy() + 1
         finite = np.isfinite(top_scores)  # masked items never appear, even when k exceeds what is left
 

@@ -57,6 +57,7 @@ class ServiceMetrics:
         # Label lookups hash their values on every call: the per-request ones are bound once.
         self._cache_hit, self._cache_miss = self.cache.labels("hit"), self.cache.labels("miss")
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._stage_children: dict[str, Any] = {}
 
     def cache_outcome(self, hit: bool) -> None:
         (self._cache_hit if hit else self._cache_miss).inc()
@@ -74,7 +75,10 @@ class ServiceMetrics:
         self.inference.observe(seconds)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage.labels(stage).observe(seconds)
+        child = self._stage_children.get(stage)
+        if child is None:  # model, search, fusion: bound on first use
+            child = self._stage_children[stage] = self.stage.labels(stage)
+        child.observe(seconds)
 
     def index_swapped(self, serving: Any) -> None:
         """After a swap: size and version gauges from the ServingIndex now served."""
