@@ -283,16 +283,17 @@ class Engine:
             raise RuntimeError("this run has no retrieval model")
         b = self.ra
         start = time.perf_counter()
-        keys = b.keys_of(h.float().cpu())
+        h = h.float().cpu()
+        keys = b.keys_of(h)
         if b.own_user != "exclude":
             exclude_user = None
-        res = bank.search(keys, min(b.k, len(bank)), exclude_user=exclude_user)
+        res = bank.search(keys, min(b.k, len(bank)), exclude_user=exclude_user, unit_queries=True)
         if res.values is None:
             raise RuntimeError("the served bank has no payload values; rebuild the index")
         items, nb_h = b.unpack_values(res.values)
         if timed:
             start = self._timed("search", start)
-        out = b.score(h.float().cpu(), logits.float().cpu(), res.D, res.found, items, nb_h, seen, evidence=evidence)
+        out = b.score(h, logits.float().cpu(), res.D, res.found, items, nb_h, seen, evidence=evidence)
         if timed:
             self._timed("fusion", start)
         return out, res, items

@@ -61,6 +61,19 @@ class SearchResult:
         return self.found & ~self.low_quality
 
 
+class _Reading:
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: _ReadWriteLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock._enter_read()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock._exit_read()
+
+
 class _ReadWriteLock:
     """Many readers or one writer; a waiting writer holds back new readers."""
 
@@ -69,20 +82,23 @@ class _ReadWriteLock:
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
+        self._reading = _Reading(self)
 
-    @contextmanager
-    def read(self):
+    def read(self) -> _Reading:
+        """``with lock.read():`` (a plain context manager: searches take it once per request)."""
+        return self._reading
+
+    def _enter_read(self) -> None:
         with self._cond:
             while self._writing or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+
+    def _exit_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextmanager
     def write(self):
@@ -228,7 +244,7 @@ class MemoryBank:
     def search(self, queries, k: int, *, exclude_ids=None, exclude_user=None, exclude_from_position=None,
                quality_threshold: float | None = None, mmr_lambda: float | None = None,
                mmr_pool: int | None = None, nprobe: int | None = None,
-               ef_search: int | None = None) -> SearchResult:
+               ef_search: int | None = None, unit_queries: bool = False) -> SearchResult:
         """Top-k live entries by cosine similarity for each of the (Q, dim) ``queries``.
 
         exclude_ids: (Q, m) int64 entry ids to drop per query (-1 = padding).
@@ -237,8 +253,15 @@ class MemoryBank:
           (every position when None; a negative user disables the rule for q).
         quality_threshold: flag (``low_quality``) found entries whose quality is below it.
         mmr_lambda: re-rank the best ``mmr_pool`` (default 4k) candidates by MMR.
+        unit_queries: the caller vouches that ``queries`` is a C-contiguous float32 (Q, dim)
+          array of finite unit rows (``training.ra.bank.unit_keys`` gives them), so they are
+          neither checked nor normalised again (the service's per-request path).
         """
-        q = ix.unit_rows(as_float_matrix(queries, "queries", dim=self.dim))
+        if unit_queries and isinstance(queries, np.ndarray) and queries.dtype == np.float32 \
+                and queries.ndim == 2 and queries.shape[1] == self.dim and queries.flags.c_contiguous:
+            q = queries
+        else:
+            q = ix.unit_rows(as_float_matrix(queries, "queries", dim=self.dim))
         nq = q.shape[0]
         excl = self._check_exclusions(nq, exclude_ids, exclude_user, exclude_from_position)
         with self._lock.read():

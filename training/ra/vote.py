@@ -13,6 +13,7 @@ Shapes: Q queries, K neighbours, m next items, N items (column j = item id j + 1
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -53,12 +54,21 @@ def vote_weights(D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor,
     else:
         top = np.where(finite, D, -1e9).max(axis=1, keepdims=True)
         w = np.exp(np.where(finite, D - top, -np.inf) / tau)  # (Q, K) in (0, 1], 0 where missing
-    raw = w[:, :, None] * (decay ** np.arange(m, dtype=np.float64))
+    raw = w[:, :, None] * _decays(decay, m)
     live = items > 0
     if seen is not None:
         seen = _numpy(seen, np.bool_)
-        live &= ~seen[np.arange(Q)[:, None, None], np.maximum(items, 1) - 1]
+        # an empty slot (item 0) reads column -1, a real one: it is not live either way
+        live &= ~seen[np.arange(Q)[:, None, None], items - 1]
     return np.where(live, raw, 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _decays(decay: float, m: int) -> np.ndarray:
+    """(m,) float64 decay^j, read-only (shared between calls)."""
+    out = decay ** np.arange(m, dtype=np.float64)
+    out.flags.writeable = False
+    return out
 
 
 def _distribution(items: np.ndarray, raw: np.ndarray, n_items: int) -> np.ndarray:
