@@ -258,7 +258,8 @@ class MemoryBank:
           neither checked nor normalised again (the service's per-request path).
         """
         if unit_queries and isinstance(queries, np.ndarray) and queries.dtype == np.float32 \
-                and queries.ndim == 2 and queries.shape[1] == self.dim and queries.flags.c_contiguous:
+                and queries.ndim == 2 and queries.shape[0] and queries.shape[1] == self.dim \
+                and queries.flags.c_contiguous:
             q = queries
         else:
             q = ix.unit_rows(as_float_matrix(queries, "queries", dim=self.dim))

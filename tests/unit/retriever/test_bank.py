@@ -253,3 +253,23 @@ def test_bad_inputs_raise_specific_errors(small):
     bank.remove(np.arange(2_000))
     with pytest.raises(EmptyBank, match="no live entries"):
         bank.search(x[:1], 1)
+
+
+@pytest.mark.parametrize("spec", [None, IVF])
+def test_unit_queries_skip_only_the_checks(small, spec):
+    """unit_queries=True (the service's keys, already float32 unit rows) gives what the checked
+    path gives for the same rows, with and without exclusions, up to float rounding (normalising
+    a unit row again moves it by an ulp); anything else still goes through the checks (an empty
+    batch is still refused)."""
+    x, _, users, _ = small
+    bank = make_bank(small, spec=spec)
+    q = x[:12] + 0.05
+    q = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), dtype=np.float32)
+    for kw in ({}, {"exclude_user": users[:12]}):
+        a, b = bank.search(q, 7, **kw), bank.search(q, 7, unit_queries=True, **kw)
+        np.testing.assert_array_equal(a.I, b.I)
+        np.testing.assert_allclose(a.D, b.D, rtol=1e-6)
+    with pytest.raises(InvalidVectors):
+        bank.search(np.zeros((0, q.shape[1]), dtype=np.float32), 3, unit_queries=True)
+    unnormalised = bank.search(q * 3, 7, unit_queries=True)  # float32 but not unit: trusted as given
+    np.testing.assert_allclose(unnormalised.D, bank.search(q, 7).D * 3, rtol=1e-5)
