@@ -6,6 +6,7 @@ answers either way, be counted alike, and dependency overrides must still reach 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _serve(ra_run: Path, index_dir: Path, content_type: str, items: list[str]) -
             events = [{"user_id": "fast-path-user", "item_id": item, "timestamp": 100 + j}
                       for j, item in enumerate(items[30:34])]
             assert (await client.post("/v1/events", json=events)).status_code == 200
-            out = [await client.post("/v1/recommend", content=httpx.Request("POST", "/", json=b).content,
+            out = [await client.post("/v1/recommend", content=json.dumps(b).encode(),
                                      headers={"content-type": content_type}) for b in _bodies(items)]
             return out, (await client.get("/metrics")).text
 
