@@ -10,7 +10,6 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import ValidationError
-from starlette._utils import get_route_path
 
 from app.batcher import MicroBatcher
 from app.deps import BatcherDep, EngineDep, SettingsDep, StoreDep
@@ -143,7 +142,8 @@ class FastRecommend:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         app = scope.get("app")
-        if (scope["type"] != "http" or scope["method"] != "POST" or get_route_path(scope) != PATH
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or scope["path"] not in (PATH, scope.get("root_path", "") + PATH)  # mounted under a root path too
                 or app is None or app.dependency_overrides or not _json_body(scope["headers"])):
             await self.app(scope, receive, send)
             return
