@@ -135,7 +135,8 @@ class Engine:
 
         if inference == "auto" and not onnx_available():
             return None
-        return OnnxEncoder(self.model, threads=torch.get_num_threads())
+        keys = {} if self.ra is None else {"key_center": self.ra.center, "key_proj": self.ra.proj}
+        return OnnxEncoder(self.model, threads=torch.get_num_threads(), **keys)
 
     @property
     def index_version(self) -> str | None:
@@ -226,15 +227,19 @@ class Engine:
             for row, i in enumerate(warm):
                 batch[row, : len(seqs[i])] = seqs[i]
             start = time.perf_counter()
+            keys = None  # (B', D) retrieval keys, when the graph computes them
             if self.onnx is not None:  # numpy in and out (wrapped, not copied)
-                h, logits = (torch.from_numpy(x) for x in self.onnx(batch))  # (B', D), (B', n_items)
+                outs = self.onnx(batch)
+                h, logits = torch.from_numpy(outs[0]), torch.from_numpy(outs[1])  # (B', D), (B', n_items)
+                if len(outs) > 2:
+                    keys = outs[2]
             else:
                 with torch.inference_mode():
                     h = self.model(torch.from_numpy(batch).to(self.device))  # (B', D)
                     logits = self.model.scores(h).float().cpu()  # (B', n_items)
                 h, logits = h.clone(), logits.clone()  # plain tensors again: written in place below
             self._timed("model", start)
-            extras = self._retrieve(queries, warm, [fulls[i] for i in warm], h, logits)
+            extras = self._retrieve(queries, warm, [fulls[i] for i in warm], h, logits, keys)
             if scores is None:
                 scores = logits
             else:
@@ -267,39 +272,50 @@ class Engine:
     def seen_rows(self, seqs: list[np.ndarray]) -> np.ndarray:
         """(R, n_items) bool: the items of each sequence (the vote gives them nothing)."""
         seen = np.zeros((len(seqs), self.n_items), dtype=bool)
+        if len(seqs) == 1:  # a single request: one indexed write
+            seen[0, seqs[0] - 1] = True
+            return seen
         rows = np.repeat(np.arange(len(seqs)), [len(x) for x in seqs])
         if len(rows):
             seen[rows, np.concatenate(seqs) - 1] = True
         return seen
 
     def score_with_bank(self, bank: MemoryBank, h: torch.Tensor, logits: torch.Tensor, seen: np.ndarray, *,
-                        exclude_user: np.ndarray | None = None, timed: bool = False, evidence: bool = False
+                        exclude_user: np.ndarray | None = None, timed: bool = False, evidence: bool = False,
+                        scores_out: np.ndarray | None = None, keys: np.ndarray | None = None
                         ) -> tuple[Scored, SearchResult, np.ndarray]:
         """Search ``bank`` for h (R, D) and score with the retrieval design: (scores and
         evidence, the search result, the neighbours' next items (R, K, m)). exclude_user: (R,)
         payload users whose entries a query must not see (-1: none), used when the run's
-        own-user rule is "exclude". timed: report the "search" and "fusion" stages."""
+        own-user rule is "exclude". timed: report the "search" and "fusion" stages. Without
+        evidence the search result carries no payload besides ids and values.
+        scores_out: (R, N) float32 memory the vote may write its scores into (the logits').
+        keys: (R, D) float32 unit keys of h when the encoder's graph computed them."""
         if self.ra is None:
             raise RuntimeError("this run has no retrieval model")
         b = self.ra
         start = time.perf_counter()
-        h = h.float().cpu()
-        keys = b.keys_of(h)
+        if h.dtype != torch.float32 or not h.is_cpu:
+            h = h.float().cpu()
+        if keys is None:
+            keys = b.keys_of(h.numpy())
         if b.own_user != "exclude":
             exclude_user = None
-        res = bank.search(keys, min(b.k, len(bank)), exclude_user=exclude_user, unit_queries=True)
+        res = bank.search(keys, min(b.k, len(bank)), exclude_user=exclude_user, unit_queries=True, payload=evidence)
         if res.values is None:
             raise RuntimeError("the served bank has no payload values; rebuild the index")
         items, nb_h = b.unpack_values(res.values)
         if timed:
             start = self._timed("search", start)
-        out = b.score(h, logits.float().cpu(), res.D, res.found, items, nb_h, seen, evidence=evidence)
+        if logits.dtype != torch.float32 or not logits.is_cpu:
+            logits = logits.float().cpu()
+        out = b.score(h, logits, res.D, res.found, items, nb_h, seen, evidence=evidence, out=scores_out)
         if timed:
             self._timed("fusion", start)
         return out, res, items
 
     def _retrieve(self, queries: list[Query], warm: list[int], seqs: list[np.ndarray], h: torch.Tensor,
-                  logits: torch.Tensor) -> dict[int, dict]:
+                  logits: torch.Tensor, keys: np.ndarray | None = None) -> dict[int, dict]:
         """Replace the ``logits`` rows of queries that want retrieval by the scores with retrieval,
         in place. Returns per query: the index version that answered and, with explain, a function
         of the returned item ids that gives the neighbours and their contributions to them."""
@@ -307,16 +323,19 @@ class Engine:
         rows = [r for r, i in enumerate(warm) if queries[i].use_retrieval]
         if self.ra is None or serving is None or not rows:
             return {}
-        own = np.array([serving.user_rows.get(queries[warm[r]].user_id or "", -1) for r in rows], dtype=np.int64)
+        own = [serving.user_rows.get(q.user_id, -1) if (q := queries[warm[r]]).user_id else -1 for r in rows]
+        # anonymous queries (the usual case) have no own entries: no rule to pass to the bank
+        own_users = np.array(own, dtype=np.int64) if max(own) >= 0 else None
         explain = any(queries[warm[r]].explain for r in rows)
         every = len(rows) == len(warm)  # the usual case: no row copies
         out, res, items = self.score_with_bank(serving.bank, h if every else h[rows], logits if every else logits[rows],
-                                               self.seen_rows([seqs[r] for r in rows]), exclude_user=own, timed=True,
-                                               evidence=explain)
-        if every:
-            logits.copy_(out.scores)
-        else:
+                                               self.seen_rows([seqs[r] for r in rows]), exclude_user=own_users, timed=True,
+                                               evidence=explain, scores_out=logits.numpy() if every else None,
+                                               keys=None if keys is None else keys if every else keys[rows])
+        if not every:
             logits[rows] = out.scores.to(logits.dtype)
+        elif out.scores is not None:  # the vote wrote into the logits; the head returns its own
+            logits.copy_(out.scores)
 
         extras: dict[int, dict] = {}
         for j, r in enumerate(rows):

@@ -29,20 +29,32 @@ def onnx_available() -> bool:
 
 
 class _HeadAndScores(torch.nn.Module):
-    def __init__(self, model: SequenceEncoder) -> None:
+    def __init__(self, model: SequenceEncoder, key_center: torch.Tensor | None,
+                 key_proj: torch.nn.Module | None) -> None:
         super().__init__()
         self.model = model
+        self.key_proj = key_proj
+        self.register_buffer("key_center", key_center)
 
-    def forward(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.model(items)
-        return h, self.model.scores(h)
+        if self.key_center is None:
+            return h, self.model.scores(h)
+        # training.ra.bank.unit_keys in the graph: normalize(proj(h - center))
+        x = h - self.key_center
+        if self.key_proj is not None:
+            x = self.key_proj(x)
+        return h, self.model.scores(h), x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 class OnnxEncoder:
     """(B, L) int64 left-aligned item ids -> (h (B, D), scores (B, n_items)) float32 arrays,
-    what ``model(items)`` and ``model.scores(h)`` give. Thread-safe (ONNX Runtime sessions are)."""
+    what ``model(items)`` and ``model.scores(h)`` give, and with ``key_center`` a third: the
+    retrieval keys of h (``RetrievalBundle.keys_of``; a served request then computes its key
+    inside the graph, not in a dozen numpy calls after it). Thread-safe (ONNX Runtime sessions are)."""
 
-    def __init__(self, model: SequenceEncoder, *, threads: int = 1) -> None:
+    def __init__(self, model: SequenceEncoder, *, threads: int = 1, key_center: torch.Tensor | None = None,
+                 key_proj: torch.nn.Module | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -59,10 +71,11 @@ class OnnxEncoder:
             warnings.simplefilter("ignore")
             # eval() on the wrapper too: the exporter puts a module back in its mode of before, and a
             # new module is in training mode, which would switch the served model's dropout on
-            torch.onnx.export(_HeadAndScores(model).eval(), (example,), buf, input_names=["items"],
-                              output_names=["h", "scores"], opset_version=17, dynamo=False,
-                              dynamic_axes={"items": {0: "batch", 1: "length"}, "h": {0: "batch"},
-                                            "scores": {0: "batch"}})
+            center = None if key_center is None else torch.as_tensor(key_center, dtype=torch.float32).detach()
+            outputs = ["h", "scores"] + ([] if center is None else ["keys"])
+            torch.onnx.export(_HeadAndScores(model, center, key_proj).eval(), (example,), buf, input_names=["items"],
+                              output_names=outputs, opset_version=17, dynamo=False,
+                              dynamic_axes={"items": {0: "batch", 1: "length"}, **{o: {0: "batch"} for o in outputs}})
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -72,6 +85,6 @@ class OnnxEncoder:
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h, scores = self.session.run(None, {"items": np.ascontiguousarray(items, dtype=np.int64)})
-        return h, scores
+    def __call__(self, items: np.ndarray) -> list[np.ndarray]:
+        """[h, scores] or, with keys, [h, scores, keys]."""
+        return self.session.run(None, {"items": np.ascontiguousarray(items, dtype=np.int64)})

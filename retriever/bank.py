@@ -43,11 +43,12 @@ class SearchResult:
 
     D: np.ndarray  # (Q, k) float32 cosine similarity
     I: np.ndarray  # (Q, k) int64 entry ids
-    targets: np.ndarray  # (Q, k) int64
-    users: np.ndarray  # (Q, k) int64
-    positions: np.ndarray  # (Q, k) int64
-    quality: np.ndarray  # (Q, k) float32
-    low_quality: np.ndarray  # (Q, k) bool: found and quality < threshold (flagged, not dropped)
+    # the payload; None after ``search(payload=False)``, which gathers only D, I and values
+    targets: np.ndarray | None  # (Q, k) int64
+    users: np.ndarray | None  # (Q, k) int64
+    positions: np.ndarray | None  # (Q, k) int64
+    quality: np.ndarray | None  # (Q, k) float32
+    low_quality: np.ndarray | None  # (Q, k) bool: found and quality < threshold (flagged, not dropped)
     values: np.ndarray | None = None  # (Q, k, Dv) float32 when the bank stores values
     version: str | None = None  # the bank version that answered
 
@@ -244,7 +245,7 @@ class MemoryBank:
     def search(self, queries, k: int, *, exclude_ids=None, exclude_user=None, exclude_from_position=None,
                quality_threshold: float | None = None, mmr_lambda: float | None = None,
                mmr_pool: int | None = None, nprobe: int | None = None,
-               ef_search: int | None = None, unit_queries: bool = False) -> SearchResult:
+               ef_search: int | None = None, unit_queries: bool = False, payload: bool = True) -> SearchResult:
         """Top-k live entries by cosine similarity for each of the (Q, dim) ``queries``.
 
         exclude_ids: (Q, m) int64 entry ids to drop per query (-1 = padding).
@@ -256,6 +257,8 @@ class MemoryBank:
         unit_queries: the caller vouches that ``queries`` is a C-contiguous float32 (Q, dim)
           array of finite unit rows (``training.ra.bank.unit_keys`` gives them), so they are
           neither checked nor normalised again (the service's per-request path).
+        payload: gather targets, users, positions and quality; False leaves them None (a served
+          request that explains nothing reads only D, I and values).
         """
         if unit_queries and isinstance(queries, np.ndarray) and queries.dtype == np.float32 \
                 and queries.ndim == 2 and queries.shape[0] and queries.shape[1] == self.dim \
@@ -274,16 +277,15 @@ class MemoryBank:
                 raise InvalidParameter(f"mmr_pool={mmr_pool} must be >= k={k}")
             refine = self.index.params.get("refine", 1)
             D, R = self._collect(q, min(need * refine, self._n_alive), excl, nprobe, ef_search)
-            vectors = self._col("vectors")
             if refine > 1 or mmr_lambda is not None:
-                D, R = ix.rescore_exact(q, vectors, R, need)
+                D, R = ix.rescore_exact(q, self._col("vectors"), R, need)
             if mmr_lambda is not None:
-                cols = mmr_select(D, vectors[np.maximum(R, 0)], k, mmr_lambda)
+                cols = mmr_select(D, self._col("vectors")[np.maximum(R, 0)], k, mmr_lambda)
                 found = cols >= 0
                 cols = np.maximum(cols, 0)
                 D = np.where(found, np.take_along_axis(D, cols, 1), -np.inf)
                 R = np.where(found, np.take_along_axis(R, cols, 1), -1)
-            return self._result(D[:, :k], R[:, :k], quality_threshold)
+            return self._result(D[:, :k], R[:, :k], quality_threshold, payload)
 
     def _check_exclusions(self, nq, exclude_ids, exclude_user, exclude_from_position) -> dict:
         excl = {}
@@ -320,6 +322,12 @@ class MemoryBank:
     def _collect(self, q, need, excl, nprobe, ef_search) -> tuple[np.ndarray, np.ndarray]:
         """(Q, need) best eligible rows per query by index score; -1 / -inf where fewer exist."""
         nq = q.shape[0]
+        if not excl and self._n_alive == self._n and need <= self.index.max_k:
+            # the usual case (nothing to drop): one search; the loop below only when it comes up short
+            probe = nprobe if nprobe is None else min(nprobe, self.index.params.get("nlist", nprobe), ix.GPU_MAX_K)
+            D, R = ix.search_checked(self.index, q, need, nprobe=probe, ef_search=ef_search)
+            if (R[0, -1] >= 0) if nq == 1 else (R[:, -1] >= 0).all():
+                return D, R
         D_out = R_out = None  # allocated once the first search shows they are needed
         limit = min(self.index.max_k, self._n)
         dead = self._n - self._n_alive
@@ -395,24 +403,29 @@ class MemoryBank:
             R_out[part] = np.where(np.isfinite(D), np.take_along_axis(top, order, 1), -1)
         return D_out, R_out
 
-    def _result(self, D, R, quality_threshold) -> SearchResult:
+    def _result(self, D, R, quality_threshold, payload: bool = True) -> SearchResult:
         found = R >= 0
         every = bool(found.all())  # the usual case: no padding to fill in
         r = R if every else np.maximum(R, 0)
+        cols = self._cols  # rows of R are below self._n: no need to cut the columns to it first
 
         def gather(name, missing):
-            return self._col(name)[r] if every else np.where(found, self._col(name)[r], missing)
+            return cols[name][r] if every else np.where(found, cols[name][r], missing)
 
-        quality = gather("quality", np.float32(np.nan)).astype(np.float32, copy=False)
-        low = np.zeros_like(found) if quality_threshold is None else found & (quality < quality_threshold)
         values = None
         if self.has_values:
-            values = self._col("values")[r]
+            values = cols["values"][r]
             if not every:
                 values = np.where(found[:, :, None], values, np.float32(0))
-        return SearchResult(D=D.astype(np.float32, copy=False), I=gather("ids", -1), targets=gather("targets", -1),
-                            users=gather("users", -1), positions=gather("positions", -1), quality=quality,
-                            low_quality=low, values=values, version=self.version)
+        D, ids = D.astype(np.float32, copy=False), gather("ids", -1)
+        if not payload:
+            return SearchResult(D=D, I=ids, targets=None, users=None, positions=None, quality=None,
+                                low_quality=None, values=values, version=self.version)
+        quality = gather("quality", np.float32(np.nan)).astype(np.float32, copy=False)
+        low = np.zeros_like(found) if quality_threshold is None else found & (quality < quality_threshold)
+        return SearchResult(D=D, I=ids, targets=gather("targets", -1), users=gather("users", -1),
+                            positions=gather("positions", -1), quality=quality, low_quality=low, values=values,
+                            version=self.version)
 
     # ----- mutation ------------------------------------------------------------------------
     def add(self, vectors, targets, users, positions, quality=None, values=None) -> np.ndarray:

@@ -164,19 +164,22 @@ def build_bank(encoder, data: SequenceData, split: Split, which: str, *, m_max: 
     return FrozenBank(users, positions, h, keys, center, items, pos, limits, which, index)
 
 
-def unit_keys(h: torch.Tensor, center: torch.Tensor | np.ndarray, proj: torch.nn.Module | None = None) -> np.ndarray:
+def unit_keys(h: torch.Tensor | np.ndarray, center: torch.Tensor | np.ndarray,
+              proj: torch.nn.Module | None = None) -> np.ndarray:
     """normalize(proj(h - center)) as float32 (M, D): post-LN representations share one large
     direction (mean pairwise cosine ~0.99), so uncentred every entry looks alike. Without a
     projection it is plain numpy: a served request computes one key, and torch's per-call
-    overhead would be most of its cost (the service passes the center as a float32 array)."""
+    overhead would be most of its cost (the service passes h and the center as float32 arrays)."""
     if proj is None:
         c = center if isinstance(center, np.ndarray) else center.detach().float().cpu().numpy()
-        x = h.detach().float().cpu().numpy() - c
+        x = (h if isinstance(h, np.ndarray) else h.detach().float().cpu().numpy()) - c
     else:
         with torch.no_grad():
-            x = torch.cat([proj(part) for part in (h.float() - center).split(8192)]).numpy()
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+            x = torch.cat([proj(part) for part in (torch.as_tensor(h).float() - center).split(8192)]).numpy()
+    x = x.astype(np.float32, copy=False)
+    # the 2-norm as np.linalg.norm computes it (same floats), without its per-call checks
+    x /= np.maximum(np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True)), np.float32(1e-12))
+    return x
 
 
 def check_queries(bank: FrozenBank, users: np.ndarray, positions: np.ndarray) -> None:

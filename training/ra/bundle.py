@@ -33,9 +33,10 @@ RETRIEVAL_FORMAT = "ragrec.retrieval.v1"
 
 @dataclass
 class Scored:
-    scores: torch.Tensor  # (Q, N) ranking scores with retrieval
+    scores: torch.Tensor | None  # (Q, N) ranking scores with retrieval; None: written into ``out``
     weights: torch.Tensor | None  # (Q, K) each neighbour's share (vote weight or the reader's attention)
-    share: torch.Tensor  # (Q, 1) the retrieval side's share of the output (λ or the copy gate / alpha)
+    share: torch.Tensor | None  # (Q, 1) the retrieval side's share of the output (λ or the copy gate /
+    # alpha); the vote leaves it out (None) unless asked for evidence
     contrib: torch.Tensor | None  # (Q, K, m) the score each neighbour adds to each of its next items
 
 
@@ -70,7 +71,7 @@ class RetrievalBundle:
 
     # -------------------------------------------------------------- bank entries
 
-    def keys_of(self, h: torch.Tensor) -> np.ndarray:
+    def keys_of(self, h: torch.Tensor | np.ndarray) -> np.ndarray:
         return unit_keys(h, self._center_np if self.proj is None else self.center, self.proj)
 
     @torch.no_grad()
@@ -97,26 +98,30 @@ class RetrievalBundle:
 
     def score(self, h: torch.Tensor, logits: torch.Tensor, D: np.ndarray, found: np.ndarray,
               items: np.ndarray, nb_h: np.ndarray | None, seen: np.ndarray | torch.Tensor, *,
-              evidence: bool = True) -> Scored:
+              evidence: bool = True, out: np.ndarray | None = None) -> Scored:
         """Scores with retrieval for queries h (Q, D) with base logits (Q, N), neighbours'
         similarities D (Q, K), found (Q, K) bool, their visible next items (Q, K, m), their
         prefix representations (head only) and the queries' seen items (Q, N) bool.
         evidence: also each neighbour's weight and contributions (for explain; the vote's
-        costs ~0.1 ms a request, so the service asks only when a query explains)."""
+        costs ~0.1 ms a request, so the service asks only when a query explains).
+        out: (Q, N) float32 memory the vote writes its scores into (it may hold the logits); then
+        ``Scored.scores`` is None. The head ignores it and returns its scores."""
         if not found.all():
             D = np.where(found, D, -np.inf)
             items = np.where(found[:, :, None], items, 0)
         D = D.astype(np.float32, copy=False)
         v = self.vote
         if self.design == "vote":
-            voted = vote(logits, D, items, v, seen=seen)
+            voted = vote(logits, D, items, v, seen=seen, out=out)
+            scores = None if out is not None else torch.from_numpy(voted.scores)
             if not evidence:
-                return Scored(voted.scores, None, voted.lam, None)
+                return Scored(scores, None, None, None)
+            lam = torch.from_numpy(voted.lam)
             total = voted.raw.sum(axis=(1, 2), keepdims=True)
             share = np.divide(voted.raw, total, out=np.zeros_like(voted.raw), where=total > 0)
-            contrib = voted.lam[:, :, None] * torch.from_numpy(share.astype(np.float32))  # (Q, K, m)
-            weights = contrib.sum(dim=2) / voted.lam.clamp(min=1e-30)
-            return Scored(voted.scores, weights, voted.lam, contrib)
+            contrib = lam[:, :, None] * torch.from_numpy(share.astype(np.float32))  # (Q, K, m)
+            weights = contrib.sum(dim=2) / lam.clamp(min=1e-30)
+            return Scored(scores, weights, lam, contrib)
         with torch.no_grad():
             return self._head_score(h, logits, D, found, items, nb_h, seen)
 

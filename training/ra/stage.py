@@ -184,7 +184,7 @@ def vote_scores(prep: Prepared, which: str, s: VoteSettings, logits: torch.Tenso
     q = queries_for(prep, which)
     logits = prep.base_logits(q) if logits is None else logits
     items = bk.visible_next(bank_for(prep, which), q.I[:, : s.k], q.users, q.positions, s.m)
-    return vote(logits, q.D, items, s, seen=q.seen).scores
+    return torch.from_numpy(vote(logits, q.D, items, s, seen=q.seen).scores)
 
 
 # ------------------------------------------------------------------ the learned head

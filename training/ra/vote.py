@@ -36,6 +36,8 @@ class VoteSettings:
 
 
 def _numpy(x, dtype) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == dtype:  # the service's arrays: nothing to convert
+        return x
     return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(dtype, copy=False)
 
 
@@ -88,11 +90,15 @@ def _lambda(D: np.ndarray, s: VoteSettings) -> np.ndarray:
     return (s.lam / (1 + np.exp(-s.beta * (top - s.pivot)))).astype(np.float32)
 
 
-def _mix(logits: np.ndarray, p: np.ndarray, lam: np.ndarray | np.float32, T: float) -> np.ndarray:
-    """(Q, N) float32 (1 - λ)·softmax(logits / T) + λ·p."""
-    x = np.exp((logits - logits.max(axis=1, keepdims=True)) * np.float32(1 / T))
-    x /= x.sum(axis=1, keepdims=True)
-    return (1 - lam) * x + lam * p
+def _scaled_softmax(logits: np.ndarray, T: float, keep: np.ndarray | np.float32,
+                    out: np.ndarray | None) -> np.ndarray:
+    """keep · softmax(logits / T) row-wise as float32, into ``out`` when given (it may be logits)."""
+    x = np.subtract(logits, logits.max(axis=-1, keepdims=True), out=out)
+    if T != 1:
+        x *= np.float32(1 / T)
+    np.exp(x, out=x)
+    x *= keep / x.sum(axis=-1, keepdims=True)
+    return x
 
 
 def vote_distribution(D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor, n_items: int, *,
@@ -115,24 +121,65 @@ def interpolate(logits: torch.Tensor, p_knn: torch.Tensor, lam: torch.Tensor | f
     """(Q, N) float32 mixed probabilities (ranking scores). numpy inside: for one request
     torch's per-operation overhead costs more than the arithmetic."""
     lam = _numpy(lam, np.float32) if isinstance(lam, torch.Tensor | np.ndarray) else np.float32(lam)
-    return torch.from_numpy(_mix(_numpy(logits, np.float32), _numpy(p_knn, np.float32), lam, T))
+    x = _scaled_softmax(_numpy(logits, np.float32), T, 1 - lam, None)
+    x += lam * _numpy(p_knn, np.float32)
+    return torch.from_numpy(x)
 
 
 @dataclass
 class Voted:
-    scores: torch.Tensor  # (Q, N) float32 ranking scores with the vote
-    lam: torch.Tensor  # (Q, 1) float32 the vote's share; 0 where no neighbour gives a visible item
+    """numpy throughout: a served request would pay more for wrapping them as tensors than for
+    most of the arithmetic."""
+
+    scores: np.ndarray  # (Q, N) float32 ranking scores with the vote (``out`` when given)
+    lam: np.ndarray  # (Q, 1) float32 the vote's share; 0 where no neighbour gives a visible item
     raw: np.ndarray  # (Q, k, m) ``vote_weights``: each neighbour's unnormalised vote per next item
 
 
-def vote(logits: torch.Tensor, D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor, s: VoteSettings, *,
-         seen: np.ndarray | torch.Tensor | None = None) -> Voted:
+def vote(logits: torch.Tensor | np.ndarray, D: np.ndarray | torch.Tensor, items: np.ndarray | torch.Tensor,
+         s: VoteSettings, *, seen: np.ndarray | torch.Tensor | None = None, out: np.ndarray | None = None) -> Voted:
     """The neighbour vote for queries with base logits (Q, N), their neighbours' similarities D
     (Q, >= k) and visible next items (Q, >= k, >= m): the one computation the stage tunes
-    (``training.ra.stage.vote_scores``) and the service serves (``RetrievalBundle.score``)."""
+    (``training.ra.stage.vote_scores``) and the service serves (``RetrievalBundle.score``).
+    out: a C-contiguous (Q, N) float32 array to write the scores into (it may be the logits'
+    own memory). One query takes ``_vote_one``: the same arithmetic on rows, in half the
+    numpy calls (a served request pays per call, not per item)."""
     D = _numpy(D, np.float32)[:, : s.k]
     items = _numpy(items, np.int64)[:, : s.k, : s.m]
+    logits = _numpy(logits, np.float32)
+    if logits.shape[0] == 1:
+        return _vote_one(logits, D, items, s, None if seen is None else _numpy(seen, np.bool_), out)
     raw = vote_weights(D, items, tau=s.tau, decay=s.decay, seen=seen)
-    lam = _lambda(D, s) * (raw.sum(axis=(1, 2)) > 0)[:, None]  # no visible vote: λ = 0
-    scores = _mix(_numpy(logits, np.float32), _distribution(items, raw, logits.shape[1]), lam, s.T)
-    return Voted(torch.from_numpy(scores), torch.from_numpy(lam), raw)
+    total = raw.sum(axis=(1, 2))[:, None]  # (Q, 1)
+    lam = _lambda(D, s) * (total > 0)  # no visible vote: λ = 0
+    x = _scaled_softmax(logits, s.T, 1 - lam, out)
+    Q, n_items = x.shape
+    share = raw * (lam / np.where(total > 0, total, 1.0))[:, :, None]  # λ·p_kNN per neighbour and step
+    flat = (items.reshape(Q, -1) + (np.arange(Q, dtype=np.int64) * (n_items + 1))[:, None]).ravel()
+    x += np.bincount(flat, share.ravel(), minlength=Q * (n_items + 1)).reshape(Q, n_items + 1)[:, 1:]
+    return Voted(x, lam, raw)
+
+
+def _vote_one(logits: np.ndarray, D: np.ndarray, items: np.ndarray, s: VoteSettings, seen: np.ndarray | None,
+              out: np.ndarray | None) -> Voted:
+    """``vote`` for one query (every array with a leading axis of 1), operation for operation
+    the batched arithmetic on its row, so that both give the same floats."""
+    d = D[0].astype(np.float64)
+    it = items[0]
+    finite = np.isfinite(d)
+    if finite.all():
+        w = np.exp((d - d.max()) / s.tau) if d.size else d
+    else:
+        w = np.exp(np.where(finite, d - np.where(finite, d, -1e9).max(), -np.inf) / s.tau)
+    raw = w[:, None] * _decays(s.decay, it.shape[1])
+    live = it > 0
+    if seen is not None:
+        live &= ~seen[0][it - 1]  # an empty slot reads the last column; it is not live either way
+    raw *= live
+    total = raw.sum()
+    lam = _lambda(D, s) if total > 0 else np.zeros((1, 1), dtype=np.float32)
+    x = _scaled_softmax(logits, s.T, 1 - lam, out)
+    if total > 0:
+        p = np.bincount(it.ravel(), (raw * (lam[0, 0] / total)).ravel(), minlength=x.shape[1] + 1)
+        x[0] += p[1:]
+    return Voted(x, lam, raw[None])

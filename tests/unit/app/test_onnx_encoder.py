@@ -61,3 +61,26 @@ def test_the_engine_ranks_the_same_with_either_backend(model: SequenceEncoder) -
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
     with pytest.raises(ValueError, match="inference must be"):
         Engine(model, vocab, popularity, model_version="m", inference="tensorrt")
+
+
+@pytest.mark.parametrize("with_proj", [False, True])
+def test_the_graph_gives_the_bundles_retrieval_keys(model: SequenceEncoder, with_proj: bool) -> None:
+    """With a key center (and a trained key projection) the graph's third output is what
+    ``unit_keys`` computes from its h: the service then searches with the graph's keys."""
+    from training.ra.bank import unit_keys
+    from training.ra.keys import KeyProjection
+
+    torch.manual_seed(1)
+    center = torch.randn(32) * 0.1
+    proj = KeyProjection(32).eval() if with_proj else None
+    if proj is not None:  # a trained-looking projection (a new one is the identity)
+        torch.nn.init.normal_(proj.down.weight, std=0.2)
+    enc = OnnxEncoder(model, key_center=center, key_proj=proj)
+    x = _batch(np.random.default_rng(5), 9, 20)
+    h, scores, keys = enc(x)
+    np.testing.assert_allclose(keys, unit_keys(torch.from_numpy(h), center, proj), atol=2e-6)
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, atol=1e-6)
+    assert keys.dtype == np.float32 and keys.flags.c_contiguous
+    plain_h, plain_scores = OnnxEncoder(model)(x)  # the keys change nothing else
+    np.testing.assert_allclose(h, plain_h, atol=1e-6)
+    np.testing.assert_allclose(scores, plain_scores, atol=1e-5)

@@ -273,3 +273,25 @@ def test_unit_queries_skip_only_the_checks(small, spec):
         bank.search(np.zeros((0, q.shape[1]), dtype=np.float32), 3, unit_queries=True)
     unnormalised = bank.search(q * 3, 7, unit_queries=True)  # float32 but not unit: trusted as given
     np.testing.assert_allclose(unnormalised.D, bank.search(q, 7).D * 3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [None, IVF], ids=["flat", "ivf"])
+def test_search_without_payload_gathers_only_ids_and_values(small, spec):
+    """payload=False (a served request that explains nothing) answers with the same neighbours,
+    similarities and values as a full search, one query or many, with and without exclusions
+    and after removals, and leaves the rest of the payload out."""
+    x, _, users, _ = small
+    values = np.random.default_rng(1).standard_normal((len(x), 3)).astype(np.float32)
+    bank = make_bank(small, spec=spec, values=values)
+    q = np.ascontiguousarray(x[:9] + 0.03, dtype=np.float32)
+    for removed in (False, True):
+        if removed:
+            bank.remove(bank.search(q[:1], 3).I[0])  # the nearest entries of query 0 are gone
+        for rows, kw in ((slice(0, 1), {}), (slice(0, 9), {}), (slice(0, 9), {"exclude_user": users[:9]})):
+            full = bank.search(q[rows], 6, **kw)
+            lean = bank.search(q[rows], 6, payload=False, **kw)
+            np.testing.assert_array_equal(lean.I, full.I)
+            np.testing.assert_array_equal(lean.D, full.D)
+            np.testing.assert_array_equal(lean.values, full.values)
+            assert lean.targets is None and lean.users is None and lean.quality is None
+            assert full.users is not None and full.users.shape == full.I.shape
