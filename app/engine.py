@@ -309,7 +309,7 @@ class Engine:
             start = self._timed("search", start)
         if logits.dtype != torch.float32 or not logits.is_cpu:
             logits = logits.float().cpu()
-        out = b.score(h, logits, res.D, res.found, items, nb_h, seen, evidence=evidence, out=scores_out)
+        out = b.score(h, logits.numpy(), res.D, res.found, items, nb_h, seen, evidence=evidence, out=scores_out)
         if timed:
             self._timed("fusion", start)
         return out, res, items

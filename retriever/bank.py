@@ -79,7 +79,7 @@ class _ReadWriteLock:
     """Many readers or one writer; a waiting writer holds back new readers."""
 
     def __init__(self):
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # never re-entered: a plain lock is cheaper
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
@@ -98,7 +98,7 @@ class _ReadWriteLock:
     def _exit_read(self) -> None:
         with self._cond:
             self._readers -= 1
-            if self._readers == 0:
+            if self._readers == 0 and self._writers_waiting:  # only a writer waits for the readers
                 self._cond.notify_all()
 
     @contextmanager

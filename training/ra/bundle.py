@@ -96,10 +96,10 @@ class RetrievalBundle:
 
     # -------------------------------------------------------------- scoring
 
-    def score(self, h: torch.Tensor, logits: torch.Tensor, D: np.ndarray, found: np.ndarray,
+    def score(self, h: torch.Tensor, logits: torch.Tensor | np.ndarray, D: np.ndarray, found: np.ndarray,
               items: np.ndarray, nb_h: np.ndarray | None, seen: np.ndarray | torch.Tensor, *,
               evidence: bool = True, out: np.ndarray | None = None) -> Scored:
-        """Scores with retrieval for queries h (Q, D) with base logits (Q, N), neighbours'
+        """Scores with retrieval for queries h (Q, D) with base logits (Q, N) float32, neighbours'
         similarities D (Q, K), found (Q, K) bool, their visible next items (Q, K, m), their
         prefix representations (head only) and the queries' seen items (Q, N) bool.
         evidence: also each neighbour's weight and contributions (for explain; the vote's
@@ -125,7 +125,7 @@ class RetrievalBundle:
         with torch.no_grad():
             return self._head_score(h, logits, D, found, items, nb_h, seen)
 
-    def _head_score(self, h: torch.Tensor, logits: torch.Tensor, D: np.ndarray, found: np.ndarray,
+    def _head_score(self, h: torch.Tensor, logits: torch.Tensor | np.ndarray, D: np.ndarray, found: np.ndarray,
                     items: np.ndarray, nb_h: np.ndarray | None, seen: np.ndarray | torch.Tensor) -> Scored:
         assert self.head is not None
         v = self.vote
