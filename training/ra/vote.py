@@ -142,13 +142,13 @@ def vote(logits: torch.Tensor | np.ndarray, D: np.ndarray | torch.Tensor, items:
     (Q, >= k) and visible next items (Q, >= k, >= m): the one computation the stage tunes
     (``training.ra.stage.vote_scores``) and the service serves (``RetrievalBundle.score``).
     out: a C-contiguous (Q, N) float32 array to write the scores into (it may be the logits'
-    own memory). One query takes ``_vote_one``: the same arithmetic on rows, in half the
-    numpy calls (a served request pays per call, not per item)."""
+    own memory). One query takes ``_vote_one``: the same arithmetic on its row in fewer numpy
+    calls (a served request pays per call, not per item)."""
     D = _numpy(D, np.float32)[:, : s.k]
     items = _numpy(items, np.int64)[:, : s.k, : s.m]
     logits = _numpy(logits, np.float32)
     if logits.shape[0] == 1:
-        return _vote_one(logits, D, items, s, None if seen is None else _numpy(seen, np.bool_), out)
+        return _vote_one(logits, D, items, s, seen, out)
     raw = vote_weights(D, items, tau=s.tau, decay=s.decay, seen=seen)
     total = raw.sum(axis=(1, 2))[:, None]  # (Q, 1)
     lam = _lambda(D, s) * (total > 0)  # no visible vote: λ = 0
@@ -160,26 +160,16 @@ def vote(logits: torch.Tensor | np.ndarray, D: np.ndarray | torch.Tensor, items:
     return Voted(x, lam, raw)
 
 
-def _vote_one(logits: np.ndarray, D: np.ndarray, items: np.ndarray, s: VoteSettings, seen: np.ndarray | None,
-              out: np.ndarray | None) -> Voted:
-    """``vote`` for one query (every array with a leading axis of 1), operation for operation
-    the batched arithmetic on its row, so that both give the same floats."""
-    d = D[0].astype(np.float64)
-    it = items[0]
-    finite = np.isfinite(d)
-    if finite.all():
-        w = np.exp((d - d.max()) / s.tau) if d.size else d
-    else:
-        w = np.exp(np.where(finite, d - np.where(finite, d, -1e9).max(), -np.inf) / s.tau)
-    raw = w[:, None] * _decays(s.decay, it.shape[1])
-    live = it > 0
-    if seen is not None:
-        live &= ~seen[0][it - 1]  # an empty slot reads the last column; it is not live either way
-    raw *= live
+def _vote_one(logits: np.ndarray, D: np.ndarray, items: np.ndarray, s: VoteSettings,
+              seen: np.ndarray | torch.Tensor | None, out: np.ndarray | None) -> Voted:
+    """``vote`` for one query (every array with a leading axis of 1): the same weights and,
+    operation for operation, the batched mix on its row, so that both give the same floats;
+    without the batch's per-row offsets and normalisation passes."""
+    raw = vote_weights(D, items, tau=s.tau, decay=s.decay, seen=seen)  # (1, K, m)
     total = raw.sum()
     lam = _lambda(D, s) if total > 0 else np.zeros((1, 1), dtype=np.float32)
     x = _scaled_softmax(logits, s.T, 1 - lam, out)
     if total > 0:
-        p = np.bincount(it.ravel(), (raw * (lam[0, 0] / total)).ravel(), minlength=x.shape[1] + 1)
+        p = np.bincount(items.ravel(), (raw * (lam[0, 0] / total)).ravel(), minlength=x.shape[1] + 1)
         x[0] += p[1:]
-    return Voted(x, lam, raw[None])
+    return Voted(x, lam, raw)
