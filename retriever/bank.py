@@ -328,7 +328,8 @@ class MemoryBank:
             D, R = ix.search_checked(self.index, q, need, nprobe=probe, ef_search=ef_search)
             if (R[0, -1] >= 0) if nq == 1 else (R[:, -1] >= 0).all():
                 return D, R
-        D_out = R_out = None  # allocated once the first search shows they are needed
+        D_out = np.full((nq, need), -np.inf, dtype=np.float32)
+        R_out = np.full((nq, need), -1, dtype=np.int64)
         limit = min(self.index.max_k, self._n)
         dead = self._n - self._n_alive
         # first guess: room for the dead rows' share, doubled when anything is excluded
@@ -342,11 +343,6 @@ class MemoryBank:
                 base_nprobe * (fetch // first_fetch), self.index.params["nlist"], ix.GPU_MAX_K)
             D, R = ix.search_checked(self.index, q if todo.size == nq else q[todo], fetch, nprobe=probe,
                                      ef_search=ef_search)
-            if D_out is None or R_out is None:
-                if not (excl or dead) and fetch >= need and bool((R[:, need - 1] >= 0).all()):
-                    return D[:, :need], R[:, :need]  # the usual case: nothing to drop, every query found enough
-                D_out = np.full((nq, need), -np.inf, dtype=np.float32)
-                R_out = np.full((nq, need), -1, dtype=np.int64)
             keep = R >= 0
             if excl or dead:
                 keep &= ~self._excluded(np.maximum(R, 0), excl, todo)
